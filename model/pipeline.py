@@ -1,0 +1,197 @@
+"""The whole encoder as one object: image -> backbone -> adapter -> IIAE's rx / ry -> zs.
+
+`SBIRModel` is what the index builder and the service load. A checkpoint is a directory with
+`model.safetensors` (adapter and IIAE weights) and `config.json` (backbone name and weights sha256,
+every dimension and hyperparameter, the split and a hash of the training data). The backbone's own
+weights are not copied: they are found by name and verified by sha256 on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.adapter import AdapterConfig, FeatureAdapter
+from model.backbones import Backbone, create_backbone
+from model.iiae import IIAE, IIAEConfig
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = "sbir-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+EMBEDDINGS = ("iiae", "adapter")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def checkpoint_sha256(ckpt_dir: str | Path) -> str:
+    """One digest over a checkpoint's weights and config: what an index snapshot pins."""
+    ckpt_dir = Path(ckpt_dir)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        h.update(name.encode())
+        h.update(hashlib.sha256((ckpt_dir / name).read_bytes()).digest())
+    return h.hexdigest()
+
+
+class SBIRModel:
+    """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) unit rows."""
+
+    def __init__(
+        self,
+        backbone: Backbone | None,
+        adapter: FeatureAdapter,
+        iiae: IIAE,
+        config: dict,
+        device: str | torch.device | None = "cpu",
+    ):
+        self.device = resolve_device(device)
+        self.backbone = backbone.to(self.device) if backbone is not None else None
+        self.adapter = adapter.to(self.device).eval()
+        self.iiae = iiae.to(self.device).eval()
+        self.config = config
+        self.embedding = config.get("embedding", "iiae")
+        assert self.embedding in EMBEDDINGS, f"unknown embedding {self.embedding!r}"
+        self.sha256: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.iiae.cfg.latent_dim if self.embedding == "iiae" else self.adapter.cfg.output_dim
+
+    # --- encoding -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_features(self, feats: torch.Tensor | np.ndarray, domain: str) -> np.ndarray:
+        """Backbone features (n, D) of one domain -> unit embeddings (n, dim)."""
+        x = torch.as_tensor(np.asarray(feats) if not torch.is_tensor(feats) else feats)
+        x = x.to(self.device, torch.float32)
+        a = self.adapter(x, domain)
+        if self.embedding == "adapter":
+            z = F.normalize(a, dim=-1)
+        elif domain == "sketch":
+            z = self.iiae.encode_sketches(a)
+        else:
+            z = self.iiae.encode_photos(a)
+        return z.float().cpu().numpy()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def backbone_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,S,S) from `preprocess` -> backbone features (B, D) float32 on self.device."""
+        assert self.backbone is not None, "this model was loaded without its backbone"
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            return self.backbone(pixels).float()
+
+    def encode_pixels(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
+        return self.encode_features(self.backbone_features(pixels), domain)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        assert self.backbone is not None, "this model was loaded without its backbone"
+        return self.backbone.preprocess(img)
+
+    def encode_images(self, images: Sequence[Image.Image], domain: str, batch_size: int = 32) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            out.append(self.encode_pixels(batch, domain))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_sketches(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return self.encode_images(images, "sketch", batch_size)
+
+    def encode_photos(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return self.encode_images(images, "photo", batch_size)
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, ckpt_dir: str | Path) -> str:
+        """Write weights and config atomically; return the checkpoint sha256."""
+        from safetensors.torch import save_file
+
+        ckpt_dir = Path(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        tensors.update({f"iiae.{k}": v.detach().cpu().contiguous() for k, v in self.iiae.state_dict().items()})
+        config = dict(self.config)
+        config["format"] = FORMAT
+        config["adapter"] = self.adapter.cfg.to_dict()
+        config["iiae"] = self.iiae.cfg.to_dict()
+        config["embedding"] = self.embedding
+        config["dim"] = self.dim
+        if self.backbone is not None:
+            config["backbone"] = self.backbone.describe()
+        tmp_w, tmp_c = ckpt_dir / (WEIGHTS_FILE + ".tmp"), ckpt_dir / (CONFIG_FILE + ".tmp")
+        save_file(tensors, str(tmp_w))
+        tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp_w.replace(ckpt_dir / WEIGHTS_FILE)
+        tmp_c.replace(ckpt_dir / CONFIG_FILE)
+        self.config = config
+        self.sha256 = checkpoint_sha256(ckpt_dir)
+        return self.sha256
+
+    @classmethod
+    def load(
+        cls,
+        ckpt_dir: str | Path,
+        device: str | torch.device | None = "auto",
+        with_backbone: bool = True,
+        backbone_weights: str | Path | None = None,
+    ) -> SBIRModel:
+        """Load a checkpoint. The backbone is rebuilt by name and its weights' sha256 must match."""
+        from safetensors.torch import load_file
+
+        from sbir.errors import UserError
+
+        ckpt_dir = Path(ckpt_dir)
+        cfg_path, w_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise UserError(f"{ckpt_dir} is not a model checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        config = json.loads(cfg_path.read_text())
+        if config.get("format") != FORMAT:
+            raise UserError(f"{ckpt_dir}: unsupported checkpoint format {config.get('format')!r}")
+        tensors = load_file(str(w_path))
+        adapter = FeatureAdapter(AdapterConfig(**config["adapter"]))
+        adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        iiae = IIAE(IIAEConfig(**config["iiae"]))
+        iiae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("iiae.")})
+        backbone = None
+        if with_backbone:
+            bb = config["backbone"]
+            backbone = create_backbone(
+                bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"]
+            )
+        model = cls(backbone, adapter, iiae, config, device=device)
+        model.sha256 = checkpoint_sha256(ckpt_dir)
+        return model
+
+    def describe(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "embedding": self.embedding,
+            "dim": self.dim,
+            "backbone": self.config.get("backbone"),
+            "device": str(self.device),
+        }
+
+
+def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
+    from model.images import load_image
+
+    return [load_image(p) for p in paths]

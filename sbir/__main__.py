@@ -1,0 +1,5 @@
+import sys
+
+from sbir.cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""Shared fixtures: a real (untrained) model checkpoint on the default backbone, built once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory):
+    """A complete checkpoint directory: EfficientNet-Lite2 + adapter + IIAE with seeded random heads.
+
+    Good for testing plumbing (index builder, service): embeddings are deterministic and the
+    backbone is real, so similar images still land near each other.
+    """
+    from model.adapter import AdapterConfig, FeatureAdapter
+    from model.backbones import create_backbone
+    from model.iiae import IIAE, IIAEConfig
+    from model.pipeline import SBIRModel
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite2")
+    adapter = FeatureAdapter(AdapterConfig(input_dim=backbone.dim))
+    iiae = IIAE(IIAEConfig())
+    model = SBIRModel(backbone, adapter, iiae, {"training": {"note": "untrained test fixture"}})
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save(path)
+    return path
