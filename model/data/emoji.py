@@ -780,7 +780,9 @@ def build_emoji_dataset(
             "failed": status_counts["failed"],
             "workers": workers,
             "seconds": round(seconds, 2),
-            "renders_per_second": round(status_counts["rendered"] / seconds, 1) if seconds > 0 else None,
+            "renders_per_second": round(status_counts["rendered"] / seconds, 1)
+            if status_counts["rendered"]
+            else None,
         },
         "failures": failures,
         "dropped_after_render": dict(after),
