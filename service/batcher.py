@@ -1,0 +1,180 @@
+"""Gathers concurrent requests into one batched call on a single worker thread.
+
+Coroutines `submit` a payload under a key and await a future; the worker takes the first waiting
+item, waits at most `max_wait_s` (counted from when that item arrived) for up to `max_batch - 1`
+more with the same key, runs `run_batch(key, payloads)` once, and resolves every future through
+`loop.call_soon_threadsafe`. The event loop never runs the batch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than `max_queue`: the caller should answer 503 and let clients retry."""
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped before this item ran."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How an item was served: time queued before its batch started, the batch's size and run time."""
+
+    queued_s: float
+    batch_size: int
+    run_s: float
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    payload: Any
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+def _post(item: _Item, value: Any, error: BaseException | None) -> None:
+    try:
+        item.loop.call_soon_threadsafe(_resolve, item.future, value, error)
+    except RuntimeError:  # the loop is closed: the server stopped and nobody awaits this any more
+        LOG.debug("dropped a result for a closed event loop")
+
+
+def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting request was cancelled (client went away)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class MicroBatcher:
+    """`run_batch(key, payloads) -> results` (same length) runs on one thread, one batch at a time."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Hashable, Sequence[Any]], Sequence[Any]],
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "sbir-batcher",
+    ):
+        assert max_batch >= 1 and max_wait_s >= 0 and max_queue >= 1, "batch limits must be positive"
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def depth(self) -> int:
+        """Items waiting for a batch (approximate, as any queue size read from another thread)."""
+        return self._queue.qsize()
+
+    async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
+        """Queue one payload and wait for its result; raises QueueFull at once when over `max_queue`."""
+        if self._stopped:
+            raise BatcherStopped("the service is shutting down")
+        loop = asyncio.get_running_loop()
+        item = _Item(key, payload, loop.create_future(), loop)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting for the encoder") from None
+        return await item.future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let queued items finish, then end the worker thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # --- worker thread ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        carried: _Item | None = None
+        while True:
+            first = carried if carried is not None else self._queue.get()
+            carried = None
+            if first is _STOP:
+                break
+            batch, carried, stop = self._gather(first)
+            self._run(batch)
+            if stop:
+                break
+        if carried is not None and carried is not _STOP:
+            self._run([carried])
+        self._fail_leftovers()
+
+    def _gather(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
+        """`first` plus what arrives before its deadline, same key only; returns (batch, carried, stop)."""
+        batch = [first]
+        deadline = first.enqueued + self.max_wait_s
+        while len(batch) < self.max_batch:
+            timeout = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, None, True
+            if item.key != first.key:
+                return batch, item, False  # after a snapshot swap: the next batch starts with it
+            batch.append(item)
+        return batch, None, False
+
+    def _run(self, batch: list[_Item]) -> None:
+        live = [it for it in batch if not it.future.cancelled()]
+        if not live:
+            return
+        start = time.perf_counter()
+        error: BaseException | None = None
+        results: Sequence[Any] = ()
+        try:
+            results = self._run_batch(live[0].key, [it.payload for it in live])
+            assert len(results) == len(live), (
+                f"run_batch returned {len(results)} results for {len(live)} items"
+            )
+        except Exception as exc:  # not swallowed: re-raised in every request of the batch
+            LOG.exception("batch of %d failed", len(live))
+            error = exc
+        run_s = time.perf_counter() - start
+        if self._on_batch is not None:
+            self._on_batch(len(live), run_s)
+        for i, it in enumerate(live):
+            info = BatchInfo(queued_s=start - it.enqueued, batch_size=len(live), run_s=run_s)
+            value = None if error is not None else (results[i], info)
+            _post(it, value, error)
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                _post(item, None, BatcherStopped("the service is shutting down"))

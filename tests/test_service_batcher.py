@@ -1,0 +1,165 @@
+"""The micro-batcher: gathers concurrent requests, respects its limits, never blocks the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import BatcherStopped, MicroBatcher, QueueFull
+
+
+class Recorder:
+    """run_batch double: doubles each payload and remembers the batches it saw."""
+
+    def __init__(self, delay: float = 0.0, fail_on: object = None):
+        self.batches: list[tuple[object, list]] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+        self.fail_on = fail_on
+
+    def __call__(self, key, payloads):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append((key, list(payloads)))
+        time.sleep(self.delay)
+        if self.fail_on in payloads:
+            raise RuntimeError("boom")
+        return [p * 2 for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_one_batch_and_get_their_own_results():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=8, max_wait_s=0.2, max_queue=64)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit("k", i) for i in range(8)))
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [i * 2 for i in range(8)]
+    assert [len(p) for _, p in rec.batches] == [8]
+    assert all(info.batch_size == 8 for _, info in out)
+    assert rec.threads == {"sbir-batcher"}
+
+
+def test_max_batch_is_respected():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=3, max_wait_s=0.05, max_queue=64)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit("k", i) for i in range(10)))
+
+    out = run(main())
+    b.stop()
+    assert sorted(r for r, _ in out) == [i * 2 for i in range(10)]
+    sizes = [len(p) for _, p in rec.batches]
+    assert max(sizes) == 3 and sum(sizes) == 10
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=16, max_wait_s=0.05, max_queue=64)
+    b.start()
+
+    async def main():
+        t = time.perf_counter()
+        (r, info) = await b.submit("k", 1)
+        return r, info, time.perf_counter() - t
+
+    r, info, elapsed = run(main())
+    b.stop()
+    assert r == 2 and info.batch_size == 1
+    assert 0.04 <= elapsed < 0.5
+    assert 0.04 <= info.queued_s < 0.5
+
+
+def test_keys_are_never_mixed_in_one_batch():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=16, max_wait_s=0.1, max_queue=64)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit("old" if i % 3 else "new", i) for i in range(12)))
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [i * 2 for i in range(12)]
+    for key, payloads in rec.batches:
+        assert all(("old" if p % 3 else "new") == key for p in payloads)
+
+
+def test_a_failing_batch_fails_its_requests_only_and_the_worker_goes_on():
+    rec = Recorder(fail_on=3)
+    b = MicroBatcher(rec, max_batch=1, max_wait_s=0.0, max_queue=64)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit("k", i) for i in range(5)), return_exceptions=True)
+
+    out = run(main())
+    b.stop()
+    assert isinstance(out[3], RuntimeError)
+    assert [o[0] for o in out if not isinstance(o, Exception)] == [0, 2, 4, 8]
+
+
+def test_a_full_queue_is_refused_at_once():
+    rec = Recorder(delay=0.3)
+    b = MicroBatcher(rec, max_batch=1, max_wait_s=0.0, max_queue=2)
+    b.start()
+
+    async def main():
+        first = asyncio.ensure_future(b.submit("k", 0))
+        await asyncio.sleep(0.05)  # the worker is now busy with it
+        queued = [asyncio.ensure_future(b.submit("k", i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit("k", 3)
+        return await asyncio.gather(first, *queued)
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [0, 2, 4]
+
+
+def test_the_event_loop_keeps_running_while_a_batch_computes():
+    rec = Recorder(delay=0.4)
+    b = MicroBatcher(rec, max_batch=4, max_wait_s=0.0, max_queue=8)
+    b.start()
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        await b.submit("k", 1)
+        t.cancel()
+        return ticks
+
+    ticks = run(main())
+    b.stop()
+    assert ticks >= 20  # about 40 in 0.4 s: the loop was not blocked by the batch
+
+
+def test_submit_after_stop_is_refused():
+    b = MicroBatcher(Recorder(), max_batch=2, max_wait_s=0.0, max_queue=4)
+    b.start()
+    b.stop()
+
+    async def main():
+        await b.submit("k", 1)
+
+    with pytest.raises(BatcherStopped):
+        run(main())
