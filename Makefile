@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` (the product on the built-in benchmark) and `make test`.
+# Both create the virtual environment themselves on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data/emoji
+RUNS ?= runs/emoji
+SEEDS ?= 0 1 2
+
+.PHONY: demo test test-slow lint bench-accuracy bench-features clean-venv
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+
+# Reinstall when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/sbir demo --data $(DATA)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+test-slow: $(VENV)/.installed
+	$(BIN)/pytest -m slow
+
+# docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds.
+bench-accuracy: $(VENV)/.installed
+	$(BIN)/sbir data emoji $(DATA)
+	$(BIN)/sbir features $(DATA)
+	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s || exit 1; done
+	$(BIN)/sbir eval $(DATA) --runs $(foreach s,$(SEEDS),$(RUNS)/seed$(s)) --out $(RUNS)
+
+clean-venv:
+	rm -rf $(VENV)

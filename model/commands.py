@@ -1,0 +1,157 @@
+"""`sbir features`, `sbir train`, `sbir eval`: the model half of the CLI (heavy imports deferred)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from sbir.errors import UserError
+
+LOG = logging.getLogger(__name__)
+
+
+def default_features_dir(dataset: Path, backbone: str) -> Path:
+    return dataset / "features" / backbone.replace(":", "_")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features",
+        help="cache frozen-backbone features of a dataset (resumable)",
+        description="Decode, augment and embed every image of a dataset with the frozen backbone. "
+        "Killed runs continue where they stopped.",
+    )
+    p.add_argument("dataset", type=Path, help="dataset directory (with manifest.csv)")
+    p.add_argument("--backbone", default="efficientnet_lite2", help="registry name or torchvision:ARCH")
+    p.add_argument("--backbone-weights", type=Path, help="local weights file (torchvision:ARCH needs one)")
+    p.add_argument("--out", type=Path, help="default: DATASET/features/BACKBONE")
+    p.add_argument("--sketch-views", type=int, default=3, help="random renders per sketch besides the original")
+    p.add_argument("--edge-artists", nargs="*", default=["openmoji"],
+                   help="photos by these artists also become edge-map queries (style-held-out check)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_features)
+
+    t = sub.add_parser(
+        "train",
+        help="train the adapter and IIAE on cached features of a split's seen classes",
+        description="Adapter (cross-entropy over seen classes), then IIAE on its outputs; epochs and steps "
+        "selected on the split's validation classes. Writes OUT/model (checkpoint) and a training log.",
+    )
+    t.add_argument("dataset", type=Path)
+    t.add_argument("--split", default="category_seed0", help="split name in DATASET/splits or a path")
+    t.add_argument("--features", type=Path, help="default: DATASET/features/efficientnet_lite2")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--granularity", choices=["category", "instance"], help="override the split's")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--objective", choices=["release", "paper"], default="release")
+    t.add_argument("--lam", type=float, default=1.0, help="IIAE lambda")
+    t.add_argument("--beta", type=float, default=0.5, help="IIAE beta (release form)")
+    t.add_argument("--iiae-steps", type=int, default=9000, help="maximum IIAE steps (best on val is kept)")
+    t.add_argument("--pair-by", choices=["category", "instance"], default="category")
+    t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "eval",
+        help="zero-shot evaluation on unseen classes: IIAE and baselines side by side",
+        description="mAP@all, P@K (REFERENCE §3) for IIAE and the raw-feature, standardised, adapter and "
+        "InfoNCE baselines; JSON report and PNG (PR curves and top results). Several runs: mean and spread.",
+    )
+    e.add_argument("dataset", type=Path)
+    e.add_argument("--runs", type=Path, nargs="+", required=True, help="output directories of `sbir train`")
+    e.add_argument("--features", type=Path)
+    e.add_argument("--out", type=Path, help="report directory (default: first run's dir)")
+    e.add_argument("--generalised", action="store_true", help="generalised ZS-SBIR: add 20%% seen-class items")
+    e.add_argument("--ties", choices=["stable", "grouped"], default="stable")
+    e.add_argument("--precision", choices=["hits/k", "hits/min(k,rel)"], default="hits/k")
+    e.add_argument("--map-at-k", choices=["topk", "capped", "divk"], default="topk")
+    e.add_argument("--no-figures", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _dataset(path: Path):
+    from model.data.dataset import read_manifest
+
+    if not (path / "manifest.csv").is_file():
+        raise UserError(f"{path} has no manifest.csv: build one with `sbir data ...` first")
+    return read_manifest(path)
+
+
+def cmd_features(args) -> int:
+    from model.backbones import WeightsError, create_backbone
+    from model.features import extract_features
+
+    _threads(args.threads)
+    records = _dataset(args.dataset)
+    try:
+        backbone = create_backbone(args.backbone, weights_path=args.backbone_weights)
+    except (WeightsError, KeyError) as exc:
+        raise UserError(str(exc)) from None
+    out = args.out or default_features_dir(args.dataset, args.backbone)
+    fs = extract_features(
+        args.dataset, records, backbone, out, sketch_views=args.sketch_views, edge_artists=args.edge_artists,
+        seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+    )
+    sp = fs.meta["speed"]
+    print(f"features: {len(fs.feats)} rows x {fs.feats.shape[1]} in {out}")
+    if sp["images"]:
+        print(f"  pipeline {sp['images_per_s']} img/s, bare forward {sp['bare_forward_images_per_s']} img/s, "
+              f"ratio {sp['ratio_to_bare_forward']}")
+    if fs.meta["skipped"]:
+        print(f"  skipped {len(fs.meta['skipped'])} unreadable images (see {out / 'features.json'})")
+    return 0
+
+
+def _load_features(args):
+    from model.features import FeatureSet
+
+    path = args.features or default_features_dir(args.dataset, "efficientnet_lite2")
+    if not (path / "features.safetensors").is_file():
+        raise UserError(f"no features in {path}: run `sbir features {args.dataset}` first")
+    return FeatureSet.load(path)
+
+
+def cmd_train(args) -> int:
+    from dataclasses import replace
+
+    from model.data.dataset import load_split
+    from model.train import TrainConfig, train_all
+
+    _threads(args.threads)
+    records = _dataset(args.dataset)
+    split = load_split(args.dataset, args.split)
+    if args.granularity:
+        split = replace(split, granularity=args.granularity)
+    fs = _load_features(args)
+    cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
+                      iiae_max_steps=args.iiae_steps, pair_by=args.pair_by, peer=not args.no_peer)
+    summary = train_all(fs, records, split, cfg, args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from model.evaluate import evaluate_runs
+
+    records = _dataset(args.dataset)
+    fs = _load_features(args)
+    report = evaluate_runs(
+        args.dataset, records, fs, args.runs, out_dir=args.out or args.runs[0], generalised=args.generalised,
+        ties=args.ties, precision_variant=args.precision, map_variant=args.map_at_k,
+        figures=not args.no_figures,
+    )
+    print(report["table_markdown"])
+    return 0

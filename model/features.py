@@ -1,0 +1,241 @@
+"""Cache frozen-backbone features of a dataset: batched, decoded in worker processes, resumable.
+
+Every (record, view) pair is one row: view 0 is the image as it is, views 1..K are random sketch
+renders (`augment_sketch`, seeded per record and view) and `EDGE_VIEW` is an edge map of a photo
+(the style-held-out check). Rows are computed in chunks that are written atomically as they finish,
+so a killed run continues where it stopped. Unreadable files are skipped with their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from model.augment import augment_sketch, edge_sketch
+from model.backbones import Backbone
+from model.data.dataset import Record, resolve_path
+from model.images import ImageError, load_image
+
+LOG = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1
+EDGE_VIEW = 100
+CHUNK_ROWS = 512
+FEATURES_FILE = "features.safetensors"
+META_FILE = "features.json"
+
+
+@dataclass
+class FeatureSet:
+    feats: np.ndarray  # (N, D) float32
+    record: np.ndarray  # (N,) index into the manifest
+    view: np.ndarray  # (N,) 0 = as is, 1..K = augmented, EDGE_VIEW = edge map
+    meta: dict = field(default_factory=dict)
+
+    def rows(self, records: np.ndarray | Sequence[int], views: Sequence[int]) -> np.ndarray:
+        """Row indices whose record is in `records` and view in `views`."""
+        return np.flatnonzero(np.isin(self.record, records) & np.isin(self.view, list(views)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSet:
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        t = load_file(str(path / FEATURES_FILE))
+        meta = json.loads((path / META_FILE).read_text())
+        return cls(t["feats"], t["record"], t["view"], meta)
+
+
+def plan_jobs(records: Sequence[Record], sketch_views: int, edge_artists: Sequence[str]) -> list[tuple[int, int]]:
+    jobs: list[tuple[int, int]] = []
+    for i, rec in enumerate(records):
+        if rec.domain == "sketch":
+            jobs.extend((i, v) for v in range(sketch_views + 1))
+        else:
+            jobs.append((i, 0))
+            if rec.artist in edge_artists:
+                jobs.append((i, EDGE_VIEW))
+    return jobs
+
+
+def render_view(img, record_index: int, view: int, seed: int):
+    if view == 0:
+        return img
+    if view == EDGE_VIEW:
+        return edge_sketch(img)
+    rng = np.random.default_rng([seed, record_index, view])
+    return augment_sketch(img, rng)
+
+
+class _ViewDataset(Dataset):
+    def __init__(self, root: Path, records: Sequence[Record], jobs, backbone_preprocess, seed: int):
+        self.root, self.records, self.jobs, self.seed = root, records, jobs, seed
+        self.preprocess = backbone_preprocess
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        rec_i, view = self.jobs[i]
+        try:
+            img = load_image(resolve_path(self.root, self.records[rec_i]))
+            return self.preprocess(render_view(img, rec_i, view, self.seed)), ""
+        except ImageError as exc:
+            return None, exc.reason + (f": {exc.detail}" if exc.detail else "")
+
+
+def _collate(batch):
+    ok = [t for t, _ in batch if t is not None]
+    errors = [err for _, err in batch]
+    return (torch.stack(ok) if ok else None), errors
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def extract_features(
+    root: str | Path,
+    records: Sequence[Record],
+    backbone: Backbone,
+    out_dir: str | Path,
+    sketch_views: int = 3,
+    edge_artists: Sequence[str] = ("openmoji",),
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
+) -> FeatureSet:
+    """Compute (or finish computing) the feature cache of `records` under `out_dir`."""
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    root, out_dir = Path(root), Path(out_dir)
+    jobs = plan_jobs(records, sketch_views, edge_artists)
+    plan = {
+        "version": FEATURES_VERSION,
+        "backbone": backbone.describe(),
+        "sketch_views": sketch_views,
+        "edge_artists": sorted(edge_artists),
+        "seed": seed,
+        "records_sha256": hashlib.sha256(
+            "\n".join(f"{r.path}|{r.domain}|{r.artist}" for r in records).encode()
+        ).hexdigest(),
+        "n_jobs": len(jobs),
+        "chunk_rows": CHUNK_ROWS,
+    }
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    if (out_dir / META_FILE).is_file():
+        meta = json.loads((out_dir / META_FILE).read_text())
+        if meta.get("plan_id") == plan_id:
+            LOG.info("features in %s are complete and current", out_dir)
+            return FeatureSet.load(out_dir)
+    work = out_dir / f"chunks-{plan_id}"
+    work.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(jobs) + CHUNK_ROWS - 1) // CHUNK_ROWS
+    todo = [c for c in range(n_chunks) if not (work / f"{c:05d}.npz").is_file()]
+    if len(todo) < n_chunks:
+        LOG.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
+
+    todo_jobs = [j for c in todo for j in jobs[c * CHUNK_ROWS : (c + 1) * CHUNK_ROWS]]
+    ds = _ViewDataset(root, records, todo_jobs, backbone.preprocess, seed)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo_jobs), unit="img", disable=not progress,
+               desc="features")
+    forward_s = 0.0
+    start = time.perf_counter()
+    pos = 0  # position in todo_jobs
+    chunk_iter = iter(todo)
+    current = next(chunk_iter, None)
+    buf_feats, buf_ok, buf_err = [], [], []
+    with torch.inference_mode():
+        for pixels, errors in loader:
+            if pixels is not None:
+                t0 = time.perf_counter()
+                feats = backbone(pixels).numpy()
+                forward_s += time.perf_counter() - t0
+            fi = 0
+            for err in errors:
+                if err:
+                    buf_feats.append(np.zeros(backbone.dim, np.float32))
+                    buf_ok.append(False)
+                    buf_err.append(err)
+                else:
+                    buf_feats.append(feats[fi])
+                    fi += 1
+                    buf_ok.append(True)
+                    buf_err.append("")
+                pos += 1
+                size = min(CHUNK_ROWS, len(jobs) - current * CHUNK_ROWS)
+                if len(buf_feats) == size:
+                    _atomic_save_npz(
+                        work / f"{current:05d}.npz",
+                        feats=np.stack(buf_feats),
+                        ok=np.array(buf_ok),
+                        err=np.array(buf_err, dtype=object).astype(str),
+                    )
+                    buf_feats, buf_ok, buf_err = [], [], []
+                    current = next(chunk_iter, None)
+            bar.update(len(errors))
+    bar.close()
+    wall = time.perf_counter() - start
+
+    feats, ok, errs = [], [], []
+    for c in range(n_chunks):
+        with np.load(work / f"{c:05d}.npz") as z:
+            feats.append(z["feats"])
+            ok.append(z["ok"])
+            errs.append(z["err"])
+    feats_a, ok_a, errs_a = np.concatenate(feats), np.concatenate(ok), np.concatenate(errs)
+    job_a = np.array(jobs, dtype=np.int64).reshape(-1, 2)
+    skipped = [
+        {"path": records[int(job_a[i, 0])].path, "view": int(job_a[i, 1]), "reason": str(errs_a[i])}
+        for i in np.flatnonzero(~ok_a)
+    ]
+    n_done = len(todo_jobs)
+    speed = {
+        "images": n_done,
+        "wall_s": round(wall, 2),
+        "forward_s": round(forward_s, 2),
+        "images_per_s": round(n_done / wall, 2) if wall > 0 else None,
+        "bare_forward_images_per_s": round(n_done / forward_s, 2) if forward_s > 0 else None,
+        "ratio_to_bare_forward": round(forward_s / wall, 3) if wall > 0 else None,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+    }
+    meta = {"plan_id": plan_id, "plan": plan, "skipped": skipped, "speed": speed, "dim": backbone.dim}
+    keep = ok_a
+    save_file(
+        {"feats": feats_a[keep], "record": job_a[keep, 0].copy(), "view": job_a[keep, 1].copy()},
+        str(out_dir / (FEATURES_FILE + ".tmp")),
+    )
+    os.replace(out_dir / (FEATURES_FILE + ".tmp"), out_dir / FEATURES_FILE)
+    (out_dir / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out_dir / (META_FILE + ".tmp"), out_dir / META_FILE)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    if skipped:
+        LOG.warning("%d images skipped (unreadable); listed in %s", len(skipped), out_dir / META_FILE)
+    return FeatureSet(feats_a[keep], job_a[keep, 0].copy(), job_a[keep, 1].copy(), meta)

@@ -1,0 +1,392 @@
+"""Training: feature adapter (cross-entropy over seen classes), then IIAE on its outputs.
+
+Everything runs on cached backbone features (`model.features`). Model selection (adapter epochs,
+IIAE steps) uses the validation classes, a slice of the seen classes; unseen classes are never
+looked at. A symmetric-InfoNCE peer on the same pairs can be trained for comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
+from model.data.dataset import Record, Split
+from model.features import EDGE_VIEW, FeatureSet
+from model.iiae import IIAE, IIAEConfig
+from model.metrics import evaluate_retrieval
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # adapter
+    adapter_dim: int = 512
+    adapter_hidden: int = 0
+    adapter_dropout: float = 0.5
+    adapter_lr: float = 1e-3
+    adapter_weight_decay: float = 1e-3
+    adapter_batch: int = 128
+    adapter_max_epochs: int = 40
+    adapter_patience: int = 6
+    label_smoothing: float = 0.1
+    # IIAE (release recipe: Adam lr 2e-4, beta1 0.5, one same-class pair per class per step)
+    objective: str = "release"
+    lam: float = 1.0
+    beta: float = 0.5
+    latent_dim: int = 64
+    iiae_lr: float = 2e-4
+    iiae_max_steps: int = 9000
+    iiae_eval_every: int = 300
+    pair_by: str = "category"  # same-class pairs; "instance" pairs a sketch with the same emoji
+    # InfoNCE peer (comparison only)
+    peer: bool = True
+    peer_temperature: float = 0.1
+    peer_max_steps: int = 3000
+    # which output is the served embedding; "iiae" unless IIAE is switched off
+    embedding: str = "iiae"
+    time_budget_s: float = 280.0  # stop IIAE early (keeping the best step) beyond this
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainData:
+    """Rows of a FeatureSet grouped by split part, with integer class ids."""
+
+    feats: torch.Tensor
+    classes: list[str]
+    label: np.ndarray  # per row, -1 where not a train class
+    instance: np.ndarray  # per row, instance id (or -1)
+    domain: np.ndarray  # per row: 0 sketch, 1 photo
+    view: np.ndarray
+    part: np.ndarray  # per row: "train" | "val" | "unseen" | ""
+    val_label: np.ndarray
+    split: Split
+    data_sha256: str = ""
+    counts: dict = field(default_factory=dict)
+
+
+def prepare(fs: FeatureSet, records: list[Record], split: Split) -> TrainData:
+    gran = split.granularity
+    rec_label = np.array([r.label(gran) for r in records])
+    rec_domain = np.array([0 if r.domain == "sketch" else 1 for r in records])
+    part_of = {c: "train" for c in split.train} | {c: "val" for c in split.val} | {c: "unseen" for c in split.unseen}
+    rec_part = np.array([part_of.get(lbl, "") for lbl in rec_label])
+    inst_names = sorted({r.instance or r.path for r in records})
+    inst_id = {n: i for i, n in enumerate(inst_names)}
+    rec_inst = np.array([inst_id[r.instance or r.path] for r in records])
+    classes = sorted(split.train)
+    cid = {c: i for i, c in enumerate(classes)}
+    vid = {c: i for i, c in enumerate(sorted(split.val))}
+    row_label = np.array([cid.get(lbl, -1) for lbl in rec_label])[fs.record]
+    row_val = np.array([vid.get(lbl, -1) for lbl in rec_label])[fs.record]
+    # edge-map rows are photos turned into a drawing style we never train on: not training data
+    part = rec_part[fs.record].copy()
+    part[fs.view == EDGE_VIEW] = ""
+    h = hashlib.sha256()
+    train_rec = sorted({int(i) for i in fs.record[part == "train"]})
+    for i in train_rec:
+        h.update(f"{records[i].path}|{records[i].domain}|{rec_label[i]}\n".encode())
+    h.update(json.dumps(fs.meta.get("plan", {}), sort_keys=True).encode())
+    td = TrainData(
+        feats=torch.from_numpy(fs.feats).float(),
+        classes=classes,
+        label=np.where(part == "train", row_label, -1),
+        instance=rec_inst[fs.record],
+        domain=rec_domain[fs.record],
+        view=fs.view,
+        part=part,
+        val_label=np.where(part == "val", row_val, -1),
+        split=split,
+        data_sha256=h.hexdigest(),
+    )
+    for p in ("train", "val"):
+        for d, name in ((0, "sketch"), (1, "photo")):
+            td.counts[f"{p}_{name}_rows"] = int(((part == p) & (td.domain == d)).sum())
+    if td.counts["train_sketch_rows"] == 0 or td.counts["train_photo_rows"] == 0:
+        raise ValueError("the split leaves no training sketches or photos")
+    return td
+
+
+def _val_rows(td: TrainData) -> tuple[np.ndarray, np.ndarray]:
+    q = np.flatnonzero((td.part == "val") & (td.domain == 0) & (td.view == 0))
+    g = np.flatnonzero((td.part == "val") & (td.domain == 1) & (td.view == 0))
+    return q, g
+
+
+def val_map(td: TrainData, encode) -> float:
+    """mAP@all on the validation classes; `encode(feats, domain)` -> embeddings."""
+    q, g = _val_rows(td)
+    if len(q) == 0 or len(g) == 0:
+        return float("nan")
+    with torch.no_grad():
+        qe = encode(td.feats[q], "sketch")
+        ge = encode(td.feats[g], "photo")
+    rep = evaluate_retrieval(np.asarray(qe), td.val_label[q], np.asarray(ge), td.val_label[g], ks=(), map_ks=())
+    return rep.map_all
+
+
+def _state(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_adapter(td: TrainData, cfg: TrainConfig, log) -> tuple[FeatureAdapter, dict]:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dim = td.feats.shape[1]
+    adapter = FeatureAdapter(
+        AdapterConfig(input_dim=dim, output_dim=cfg.adapter_dim, hidden_dim=cfg.adapter_hidden,
+                      dropout=cfg.adapter_dropout)
+    )
+    train = td.label >= 0
+    sk = np.flatnonzero(train & (td.domain == 0))
+    ph = np.flatnonzero(train & (td.domain == 1))
+    adapter.fit_standardisation(td.feats[sk], "sketch")
+    adapter.fit_standardisation(td.feats[ph], "photo")
+    head = CosineClassifier(cfg.adapter_dim, len(td.classes))
+    params = list(adapter.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
+    labels = torch.from_numpy(td.label)
+    steps_per_epoch = max(1, (len(sk) + len(ph)) // (2 * cfg.adapter_batch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_max_epochs * steps_per_epoch)
+
+    def encode(x, domain):
+        adapter.eval()
+        return F.normalize(adapter(x, domain), dim=-1)
+
+    best = (-1.0, 0, _state(adapter))
+    history = []
+    for epoch in range(1, cfg.adapter_max_epochs + 1):
+        adapter.train()
+        head.train()
+        losses = []
+        for _ in range(steps_per_epoch):
+            bs = rng.choice(sk, cfg.adapter_batch, replace=len(sk) < cfg.adapter_batch)
+            bp = rng.choice(ph, cfg.adapter_batch, replace=len(ph) < cfg.adapter_batch)
+            logits_s = head(adapter(td.feats[bs], "sketch"))
+            logits_p = head(adapter(td.feats[bp], "photo"))
+            loss = 0.5 * (
+                F.cross_entropy(logits_s, labels[bs], label_smoothing=cfg.label_smoothing)
+                + F.cross_entropy(logits_p, labels[bp], label_smoothing=cfg.label_smoothing)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        vm = val_map(td, encode)
+        history.append({"epoch": epoch, "ce": float(np.mean(losses)), "val_mAP": vm})
+        log({"stage": "adapter", "epoch": epoch, "ce": round(float(np.mean(losses)), 4), "val_mAP": round(vm, 4)})
+        if vm > best[0]:
+            best = (vm, epoch, _state(adapter))
+        elif epoch - best[1] >= cfg.adapter_patience:
+            break
+    adapter.load_state_dict(best[2])
+    adapter.eval()
+    return adapter, {"selected_epoch": best[1], "val_mAP": best[0], "history": history}
+
+
+class _Pairs:
+    """One random sketch row and one random photo row of every training class, per step."""
+
+    def __init__(self, td: TrainData, rng: np.random.Generator, pair_by: str):
+        self.rng = rng
+        train = td.label >= 0
+        self.sk = [np.flatnonzero(train & (td.domain == 0) & (td.label == c)) for c in range(len(td.classes))]
+        self.ph = [np.flatnonzero(train & (td.domain == 1) & (td.label == c)) for c in range(len(td.classes))]
+        self.classes = [c for c in range(len(td.classes)) if len(self.sk[c]) and len(self.ph[c])]
+        self.pair_by = pair_by
+        if pair_by == "instance":
+            self.ph_by_inst: dict[int, np.ndarray] = {}
+            rows = np.flatnonzero(train & (td.domain == 1))
+            for inst in np.unique(td.instance[rows]):
+                self.ph_by_inst[int(inst)] = rows[td.instance[rows] == inst]
+            self.instance = td.instance
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        s = np.array([self.rng.choice(self.sk[c]) for c in self.classes])
+        if self.pair_by == "instance":
+            p = np.array([
+                self.rng.choice(self.ph_by_inst.get(int(self.instance[r]), self.ph[c]))
+                for r, c in zip(s, self.classes, strict=True)
+            ])
+        else:
+            p = np.array([self.rng.choice(self.ph[c]) for c in self.classes])
+        return s, p
+
+
+def adapted(td: TrainData, adapter: FeatureAdapter) -> torch.Tensor:
+    """Adapter outputs of every row, each with its own domain's standardisation."""
+    out = torch.empty(len(td.feats), adapter.cfg.output_dim)
+    adapter.eval()
+    with torch.no_grad():
+        for d, name in ((0, "sketch"), (1, "photo")):
+            rows = np.flatnonzero(td.domain == d)
+            if len(rows):
+                out[rows] = adapter(td.feats[rows], name)
+    return out
+
+
+def train_iiae(td: TrainData, a: torch.Tensor, cfg: TrainConfig, log) -> tuple[IIAE, dict]:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    icfg = IIAEConfig(input_dim=a.shape[1], latent_dim=cfg.latent_dim, objective=cfg.objective,
+                      lam=cfg.lam, beta=cfg.beta)
+    model = IIAE(icfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.iiae_lr, betas=(0.5, 0.999))
+    pairs = _Pairs(td, rng, cfg.pair_by)
+    n_train_sketch_rows = td.counts["train_sketch_rows"]
+    steps_per_epoch = max(1, n_train_sketch_rows // max(1, len(pairs.classes)))
+
+    def encode(x_rows, domain):
+        model.eval()
+        return model.encode_sketches(x_rows) if domain == "sketch" else model.encode_photos(x_rows)
+
+    # val_map encodes raw rows; IIAE needs adapter outputs, so evaluate on `a`
+    adapted_td = TrainData(a, td.classes, td.label, td.instance, td.domain, td.view, td.part, td.val_label,
+                           td.split)
+    best = (-1.0, 0, _state(model))
+    history, terms_acc = [], []
+    start = time.perf_counter()
+    for step in range(1, cfg.iiae_max_steps + 1):
+        model.train()
+        s, p = pairs.sample()
+        loss, terms = model.loss(a[s], a[p], step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        terms_acc.append(terms)
+        if step % steps_per_epoch == 0 or step == cfg.iiae_max_steps:
+            mean_terms = {k: round(float(np.mean([t[k] for t in terms_acc])), 4) for k in terms_acc[0]}
+            log({"stage": "iiae", "epoch": round(step / steps_per_epoch, 2), "step": step, **mean_terms})
+            terms_acc = []
+        if step % cfg.iiae_eval_every == 0 or step == cfg.iiae_max_steps:
+            vm = val_map(adapted_td, encode)
+            history.append({"step": step, "val_mAP": vm})
+            log({"stage": "iiae", "step": step, "val_mAP": round(vm, 4)})
+            if vm > best[0]:
+                best = (vm, step, _state(model))
+            if time.perf_counter() - start > cfg.time_budget_s:
+                LOG.warning("IIAE time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    return model, {"selected_step": best[1], "val_mAP": best[0], "steps_per_epoch": steps_per_epoch,
+                   "history": history}
+
+
+class InfoNCEPeer(nn.Module):
+    """The discriminative peer: two linear projections trained with a symmetric InfoNCE loss."""
+
+    def __init__(self, in_dim: int, out_dim: int = 64):
+        super().__init__()
+        self.sketch = nn.Linear(in_dim, out_dim)
+        self.photo = nn.Linear(in_dim, out_dim)
+
+    def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        return F.normalize((self.sketch if domain == "sketch" else self.photo)(x), dim=-1)
+
+
+def train_peer(td: TrainData, a: torch.Tensor, cfg: TrainConfig, log) -> tuple[InfoNCEPeer, dict]:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    peer = InfoNCEPeer(a.shape[1], cfg.latent_dim)
+    opt = torch.optim.Adam(peer.parameters(), lr=1e-3)
+    pairs = _Pairs(td, rng, cfg.pair_by)
+    adapted_td = TrainData(a, td.classes, td.label, td.instance, td.domain, td.view, td.part, td.val_label,
+                           td.split)
+    best = (-1.0, 0, _state(peer))
+    for step in range(1, cfg.peer_max_steps + 1):
+        s, p = pairs.sample()
+        logits = peer.encode(a[s], "sketch") @ peer.encode(a[p], "photo").t() / cfg.peer_temperature
+        target = torch.arange(len(s))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.iiae_eval_every == 0 or step == cfg.peer_max_steps:
+            with torch.no_grad():
+                vm = val_map(adapted_td, peer.encode)
+            log({"stage": "infonce", "step": step, "loss": round(loss.item(), 4), "val_mAP": round(vm, 4)})
+            if vm > best[0]:
+                best = (vm, step, _state(peer))
+    peer.load_state_dict(best[2])
+    return peer.eval(), {"selected_step": best[1], "val_mAP": best[0]}
+
+
+def train_all(
+    fs: FeatureSet,
+    records: list[Record],
+    split: Split,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    backbone=None,
+) -> dict:
+    """Train adapter, IIAE (and the peer); save the checkpoint under out_dir/model. Returns a summary."""
+    from model.pipeline import SBIRModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "train_log.jsonl"
+    log_file = log_path.open("w")
+
+    def log(entry: dict) -> None:
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+        LOG.info(" ".join(f"{k}={v}" for k, v in entry.items()))
+
+    t0 = time.perf_counter()
+    td = prepare(fs, records, split)
+    log({"stage": "data", **td.counts, "classes": len(td.classes), "val_classes": len(split.val)})
+    adapter, a_info = train_adapter(td, cfg, log)
+    t_adapter = time.perf_counter() - t0
+    a = adapted(td, adapter)
+    iiae, i_info = train_iiae(td, a, cfg, log)
+    t_iiae = time.perf_counter() - t0 - t_adapter
+    summary = {
+        "adapter": {k: v for k, v in a_info.items() if k != "history"},
+        "iiae": {k: v for k, v in i_info.items() if k != "history"},
+        "seconds": {"adapter": round(t_adapter, 1), "iiae": round(t_iiae, 1)},
+    }
+    if cfg.peer:
+        peer, p_info = train_peer(td, a, cfg, log)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out_dir / "peer_infonce.safetensors"))
+        summary["infonce"] = p_info
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    config = {
+        "embedding": cfg.embedding,
+        "training": {
+            "config": cfg.to_dict(),
+            "split": split.to_dict(),
+            "granularity": split.granularity,
+            "data_sha256": td.data_sha256,
+            "features": fs.meta.get("plan", {}),
+            "counts": td.counts,
+            "selected": {"adapter_epoch": a_info["selected_epoch"], "iiae_step": i_info["selected_step"]},
+            "val_mAP": {"adapter": a_info["val_mAP"], "iiae": i_info["val_mAP"]},
+        },
+    }
+    model = SBIRModel(backbone, adapter, iiae, config, device="cpu")
+    if backbone is None:
+        config["backbone"] = fs.meta["plan"]["backbone"]
+    sha = model.save(out_dir / "model")
+    summary["model_sha256"] = sha
+    log({"stage": "done", **summary["seconds"], "model_sha256": sha})
+    log_file.close()
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,96 @@
+"""Feature caching: skips unreadable files with reasons, resumes after a crash, views are seeded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import model.features as features
+from model.backbones import create_backbone
+from model.data.dataset import Record, write_manifest
+from model.features import EDGE_VIEW, FeatureSet, extract_features
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet_lite2")
+
+
+def _dataset(root, n=6):
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).ellipse([8 + i, 8, 50, 40 + i], outline="black", width=3)
+        img.save(root / f"s{i}.png")
+        records.append(Record(path=f"s{i}.png", domain="sketch", category=f"c{i % 2}", artist="pen"))
+        Image.new("RGB", (64, 64), (40 * i, 100, 200)).save(root / f"p{i}.png")
+        records.append(Record(path=f"p{i}.png", domain="photo", category=f"c{i % 2}", artist="paint"))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    records.append(Record(path="broken.png", domain="photo", category="c0", artist="paint"))
+    (root / "empty.jpg").write_bytes(b"")
+    records.append(Record(path="empty.jpg", domain="sketch", category="c1", artist="pen"))
+    write_manifest(root, records)
+    return records
+
+
+def test_unreadable_files_are_skipped_and_listed(tmp_path, backbone):
+    records = _dataset(tmp_path / "ds")
+    fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=1,
+                          edge_artists=["paint"], workers=0, progress=False)
+    reasons = {s["path"]: s["reason"] for s in fs.meta["skipped"]}
+    assert reasons["empty.jpg"].startswith("empty")
+    assert reasons["broken.png"].startswith(("corrupt", "not-an-image"))
+    # 6 sketches x 2 views + 6 photos x (image + edge map)
+    assert len(fs.feats) == 24 and fs.feats.shape[1] == backbone.dim
+    assert set(fs.view.tolist()) == {0, 1, EDGE_VIEW}
+    again = FeatureSet.load(tmp_path / "f")
+    np.testing.assert_array_equal(again.feats, fs.feats)
+    # an augmented view differs from the original; the same seed gives the same view
+    s0 = fs.feats[(fs.record == 0) & (fs.view == 0)][0]
+    s1 = fs.feats[(fs.record == 0) & (fs.view == 1)][0]
+    assert not np.allclose(s0, s1)
+
+
+def test_a_killed_run_resumes_without_recomputing_finished_chunks(tmp_path, backbone, monkeypatch):
+    records = _dataset(tmp_path / "ds")
+    monkeypatch.setattr(features, "CHUNK_ROWS", 4)
+    calls = {"n": 0}
+    real_forward = type(backbone).forward
+
+    def crashing_forward(self, x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(type(backbone), "forward", crashing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
+                         workers=0, batch_size=4, progress=False)
+    chunk_dirs = list((tmp_path / "f").glob("chunks-*"))
+    assert len(chunk_dirs) == 1 and len(list(chunk_dirs[0].glob("*.npz"))) == 3
+    seen = []
+    monkeypatch.setattr(type(backbone), "forward", lambda self, x: (seen.append(len(x)), real_forward(self, x))[1])
+    fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
+                          workers=0, batch_size=4, progress=False)
+    assert sum(seen) <= 2  # 14 jobs in chunks of 4: only the last chunk (2 jobs) is left
+    reference = extract_features(tmp_path / "ds", records, backbone, tmp_path / "g", sketch_views=0,
+                                 edge_artists=[], workers=0, batch_size=3, progress=False)
+    np.testing.assert_allclose(fs.feats, reference.feats, rtol=1e-4, atol=1e-4)
+    meta = json.loads((tmp_path / "f" / "features.json").read_text())
+    assert meta["speed"]["images"] == 2
+    assert not list((tmp_path / "f").glob("chunks-*"))
+
+
+def test_rerun_of_complete_features_is_a_no_op(tmp_path, backbone, monkeypatch):
+    records = _dataset(tmp_path / "ds", n=2)
+    extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
+                     workers=0, progress=False)
+    monkeypatch.setattr(type(backbone), "forward", lambda self, x: pytest.fail("recomputed"))
+    fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
+                          workers=0, progress=False)
+    assert len(fs.feats) == 4
+    assert torch.get_num_threads() >= 1

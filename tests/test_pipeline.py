@@ -1,0 +1,53 @@
+"""Checkpoints: safetensors + JSON config round trip; the backbone is verified by sha256 on load."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from model.pipeline import SBIRModel, checkpoint_sha256
+from sbir.errors import UserError
+
+
+def _images():
+    out = []
+    for i in range(3):
+        img = Image.new("RGB", (120, 90), "white")
+        ImageDraw.Draw(img).line([(10, 10 + i * 20), (100, 80)], fill="black", width=4)
+        out.append(img)
+    return out
+
+
+def test_checkpoint_round_trip(untrained_checkpoint, tmp_path):
+    model = SBIRModel.load(untrained_checkpoint, device="cpu")
+    a = model.encode_sketches(_images())
+    assert a.shape == (3, 64) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    sha = model.save(tmp_path / "copy")
+    assert sha == checkpoint_sha256(tmp_path / "copy") == model.sha256
+    again = SBIRModel.load(tmp_path / "copy", device="cpu")
+    np.testing.assert_allclose(again.encode_sketches(_images()), a, atol=1e-6)
+    cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert cfg["backbone"]["name"] == "efficientnet_lite2"
+    assert len(cfg["backbone"]["weights_sha256"]) == 64
+    assert cfg["iiae"]["latent_dim"] == 64 and cfg["adapter"]["output_dim"] == 512
+    # sketch and photo encoders are different networks
+    assert not np.allclose(again.encode_photos(_images()), a)
+
+
+def test_backbone_weights_mismatch_and_bad_checkpoints_are_refused(untrained_checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(untrained_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["backbone"]["weights_sha256"] = "f" * 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    from model.backbones import WeightsError
+
+    with pytest.raises(WeightsError, match="sha256"):
+        SBIRModel.load(bad, device="cpu")
+    with pytest.raises(UserError):
+        SBIRModel.load(tmp_path / "nothing", device="cpu")
+    assert checkpoint_sha256(bad) != checkpoint_sha256(untrained_checkpoint)
