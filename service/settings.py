@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         4.0, ge=0, le=1000, description="longest a sketch waits for others to join its batch"
     )
-    max_queue: int = Field(256, ge=1, description="sketches waiting for the encoder before 503s are returned")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="searches in progress (reading, decoding, queued, encoding) before 503s are returned",
+    )
     decode_threads: int = Field(2, ge=1, le=64, description="threads that parse and decode uploads")
     reload_interval_s: float = Field(
         2.0, ge=0, description="how often ROOT/CURRENT is polled for a new snapshot (0: never)"

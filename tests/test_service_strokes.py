@@ -29,8 +29,9 @@ def test_renders_black_lines_on_white_canvas():
 
 
 def test_drawing_is_fitted_and_centred_with_margin_whatever_its_units():
-    small = render_strokes([[[0.1, 0.3, 0.3, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3, 0.2]]])  # a 2:1 box in unit coords
-    large = render_strokes([[[100, 300, 300, 100, 100], [200, 200, 300, 300, 200]]])  # same, x1000
+    # a 2:1 box in unit coordinates, then the same box x1000
+    small = render_strokes([[[0.1, 0.3, 0.3, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3, 0.2]]])
+    large = render_strokes([[[100, 300, 300, 100, 100], [200, 200, 300, 300, 200]]])
     assert (ink(small) != ink(large)).mean() < 0.002
     x0, x1, y0, y1 = ink_box(large)
     margin = MARGIN * CANVAS

@@ -1,0 +1,1 @@
+"""One router per resource: search, photos, operations (health, metrics, info), admin."""

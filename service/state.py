@@ -1,0 +1,320 @@
+"""What the service is serving: a snapshot and its model as one pair, swapped atomically.
+
+`ServingState.reload` loads a new pair on a worker thread (the model is reused when its sha256 is
+unchanged), checks it, warms it up and only then replaces `current`; a pair that fails to load is
+refused and recorded in `last_reload_error` while the old one keeps serving. Requests lease the
+pair they started on, so a retired pair is closed only after its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+
+from sbir.errors import UserError
+from service.metrics import ServiceMetrics
+
+LOG = logging.getLogger(__name__)
+
+# What loading a broken snapshot or checkpoint raises: a bad manifest or config (UserError,
+# ValueError, KeyError), missing or unreadable files (OSError), a corrupt FAISS index or weights
+# (RuntimeError, SafetensorError), a failed precondition (AssertionError). Any of these refuses
+# the new snapshot; the old one keeps serving.
+LOAD_ERRORS = (UserError, OSError, ValueError, KeyError, RuntimeError, SafetensorError, AssertionError)
+
+
+class NotReady(RuntimeError):
+    """No snapshot is loaded (yet): the caller answers 503."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One query's answer from a batch: top-k scores and ids, and the batch's stage times."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    encode_s: float
+    search_s: float
+
+
+class ServingPair:
+    """A snapshot and the model that built it. Immutable once made; closed after its last lease."""
+
+    def __init__(self, snapshot: Any, model: Any):
+        self.snapshot = snapshot
+        self.model = model
+        self.loaded_at = time.time()
+        self._lock = threading.Lock()
+        self._leases = 0
+        self._retired = False
+        self._closed = False
+        self.closed_event = threading.Event()  # set once the snapshot's close() has returned
+
+    @property
+    def id(self) -> str:
+        return self.snapshot.id
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._leases += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            assert self._leases > 0, "release without acquire"
+            self._leases -= 1
+            close = self._retired and self._leases == 0 and not self._closed
+            self._closed = self._closed or close
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        """No new requests will start on this pair; close it when the running ones are done."""
+        with self._lock:
+            self._retired = True
+            close = self._leases == 0 and not self._closed
+            self._closed = self._closed or close
+        if close:
+            self._close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _close(self) -> None:
+        # Freeing a large index can take a while; whoever released last may be on the event loop.
+        threading.Thread(target=self._close_now, name=f"sbir-close-{self.id}", daemon=True).start()
+
+    def _close_now(self) -> None:
+        LOG.info("closing snapshot %s (retired, no request left on it)", self.id)
+        try:
+            self.snapshot.close()
+        finally:
+            self.closed_event.set()
+
+    def encode_and_search(self, payloads: Sequence[tuple[torch.Tensor, int]]) -> list[SearchHit]:
+        """Blocking (the batcher's thread): one forward pass and one index search for all payloads.
+
+        A flat index scan is memory-bound per query, so one batched search costs about what a
+        single query does; the batch is searched at its largest k and each answer cut to its own.
+        """
+        if not self.acquire():
+            raise NotReady(f"snapshot {self.id} was closed before its batch ran")
+        try:
+            t0 = time.perf_counter()
+            vectors = self.model.encode_pixels(torch.stack([p for p, _ in payloads]), "sketch")
+            t1 = time.perf_counter()
+            k_max = max(k for _, k in payloads)
+            scores, ids = self.snapshot.search(np.ascontiguousarray(vectors, dtype=np.float32), k_max)
+            t2 = time.perf_counter()
+        finally:
+            self.release()
+        return [SearchHit(scores[i, :k], ids[i, :k], t1 - t0, t2 - t1) for i, (_, k) in enumerate(payloads)]
+
+
+class ModelCache:
+    """Models by checkpoint sha256, so a snapshot built with the serving model reuses its weights."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_dir: Path, sha256: str) -> Any:
+        with self._lock:
+            model = self._models.get(sha256)
+        if model is not None:
+            LOG.info("model %s already loaded: reusing it", sha256[:12])
+            return model
+        from model.pipeline import SBIRModel
+
+        LOG.info("loading model %s from %s on %s", sha256[:12], model_dir, self.device)
+        model = SBIRModel.load(model_dir, device=self.device)
+        if model.sha256 != sha256:
+            raise UserError(
+                f"the checkpoint in {model_dir} has sha256 {model.sha256}, the snapshot expects {sha256}"
+            )
+        with self._lock:
+            self._models[sha256] = model
+        return model
+
+    def keep_only(self, sha256: str) -> None:
+        """Forget other models (pairs still serving keep their own reference until they close)."""
+        with self._lock:
+            self._models = {k: v for k, v in self._models.items() if k == sha256}
+
+
+def default_snapshot_module() -> ModuleType:
+    return importlib.import_module("index_builder.snapshot")
+
+
+def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: ModelCache) -> ServingPair:
+    """Blocking: open a snapshot, get its model, check they fit, warm both up."""
+    snapshot = snapshots.Snapshot.open(root, snapshot_id)
+    try:
+        model = models.get(Path(snapshot.model_dir), snapshot.model_sha256)
+        if model.dim != snapshot.dim:
+            raise UserError(
+                f"snapshot {snapshot.id} holds {snapshot.dim}-d vectors, its model makes {model.dim}-d"
+            )
+        # One forward pass and one search now, so the first request after the swap is not slow.
+        pixels = model.preprocess(Image.new("RGB", (64, 64), "white")).unsqueeze(0)
+        vector = model.encode_pixels(pixels, "sketch")
+        snapshot.search(np.ascontiguousarray(vector, dtype=np.float32), 1)
+    except BaseException:
+        snapshot.close()
+        raise
+    return ServingPair(snapshot, model)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    changed: bool
+    snapshot: str
+    seconds: float
+
+
+class ReloadError(UserError):
+    """A new snapshot was refused; the old one (if any) keeps serving."""
+
+
+class ServingState:
+    """The serving pair, its reloads and the watcher that polls ROOT/CURRENT."""
+
+    def __init__(
+        self,
+        root: Path,
+        device: str,
+        metrics: ServiceMetrics,
+        reload_interval_s: float = 2.0,
+        snapshots: ModuleType | None = None,
+    ):
+        self.root = Path(root)
+        self.metrics = metrics
+        self.reload_interval_s = reload_interval_s
+        self.models = ModelCache(device)
+        self._snapshots = snapshots
+        self.current: ServingPair | None = None
+        self.last_reload_error: dict | None = None
+        self.last_reload: dict | None = None
+        self._failed_id: str | None = None
+        self._reload_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+
+    @property
+    def snapshots(self) -> ModuleType:
+        if self._snapshots is None:
+            self._snapshots = default_snapshot_module()
+        return self._snapshots
+
+    # --- requests -------------------------------------------------------------------------------
+    def acquire(self) -> ServingPair:
+        """The current pair with a lease held (call `release` on it); NotReady when there is none."""
+        for _ in range(100):  # a swap between reading `current` and leasing it: read again
+            pair = self.current
+            if pair is None:
+                raise NotReady(self.not_ready_reason())
+            if pair.acquire():
+                return pair
+        raise NotReady("the snapshot is being swapped; retry")
+
+    def not_ready_reason(self) -> str:
+        if self.last_reload_error:
+            return f"no snapshot is loaded: {self.last_reload_error['message']}"
+        return f"no snapshot is loaded yet from {self.root}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.reload(reason="startup")
+        except ReloadError:
+            LOG.warning("starting without a snapshot; /readyz stays 503 until one loads")
+        if self.reload_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="sbir-snapshot-watcher")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+        async with self._reload_lock:
+            pair, self.current = self.current, None
+        if pair is not None:
+            pair.retire()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval_s)
+            try:
+                target = await asyncio.to_thread(self.snapshots.read_current, self.root)
+            except OSError as exc:
+                LOG.warning("cannot read %s/CURRENT: %s", self.root, exc)
+                continue
+            serving = self.current.id if self.current else None
+            if target is None or target == serving or target == self._failed_id:
+                continue  # a refused snapshot is not retried every poll; POST /admin/reload retries it
+            try:
+                await self.reload(reason="CURRENT changed")
+            except ReloadError:
+                pass  # recorded in last_reload_error and logged
+
+    async def reload(self, reason: str = "admin") -> ReloadResult:
+        """Load what CURRENT names, if it is not already serving, and swap it in."""
+        async with self._reload_lock:
+            start = time.perf_counter()
+            target: str | None = None
+            try:
+                target = await asyncio.to_thread(self.snapshots.read_current, self.root)
+                if target is None:
+                    raise UserError(f"{self.root} has no CURRENT snapshot")
+                if self.current is not None and self.current.id == target:
+                    return ReloadResult(False, target, time.perf_counter() - start)
+                LOG.info("loading snapshot %s (%s)", target, reason)
+                pair = await asyncio.to_thread(load_pair, self.snapshots, self.root, target, self.models)
+            except LOAD_ERRORS as exc:
+                self._refused(target, reason, exc)
+                raise ReloadError(self.last_reload_error["message"]) from exc
+            old, self.current = self.current, pair
+            seconds = time.perf_counter() - start
+            self._failed_id = None
+            self.last_reload = {
+                "snapshot": pair.id,
+                "at": time.time(),
+                "seconds": round(seconds, 3),
+                "reason": reason,
+            }
+            self.models.keep_only(pair.snapshot.model_sha256)
+            self.metrics.serving(pair.id, pair.snapshot.model_sha256, int(pair.snapshot.count))
+            self.metrics.reloads.labels("ok").inc()
+            LOG.info(
+                "serving snapshot %s (%d photos, model %s) after %.1f s; was %s",
+                pair.id, pair.snapshot.count, pair.snapshot.model_sha256[:12], seconds, old.id if old else None,
+            )  # fmt: skip
+            if old is not None:
+                old.retire()
+            return ReloadResult(True, pair.id, seconds)
+
+    def _refused(self, target: str | None, reason: str, exc: BaseException) -> None:
+        self._failed_id = target
+        message = f"snapshot {target} refused: {exc}" if target else str(exc)
+        self.last_reload_error = {"snapshot": target, "at": time.time(), "reason": reason, "message": message}
+        self.metrics.reloads.labels("refused").inc()
+        serving = self.current.id if self.current else None
+        LOG.error("%s (%s); still serving %s", message, type(exc).__name__, serving)

@@ -1,0 +1,99 @@
+"""Serving pairs: leases keep a retired snapshot open until its last request is done."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from service.state import ServingPair
+
+
+class FakeSnapshot:
+    id = "snap-a"
+    model_sha256 = "0" * 64
+    dim = 4
+
+    def __init__(self):
+        self.closed = 0
+        self.searches: list[tuple[int, int]] = []
+
+    def search(self, queries, k):
+        assert not self.closed, "search on a closed snapshot"
+        self.searches.append((len(queries), k))
+        n = len(queries)
+        return np.tile(np.linspace(1, 0, k, dtype=np.float32), (n, 1)), np.tile(np.arange(k), (n, 1))
+
+    def close(self):
+        self.closed += 1
+
+
+class FakeModel:
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def encode_pixels(self, pixels, domain):
+        assert domain == "sketch"
+        self.batches.append(len(pixels))
+        v = np.ones((len(pixels), 4), np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_retired_pair_closes_only_after_its_last_lease():
+    snap = FakeSnapshot()
+    pair = ServingPair(snap, FakeModel())
+    assert pair.acquire() and pair.acquire()
+    pair.retire()
+    pair.release()
+    assert not pair.closed_event.wait(0.2) and snap.closed == 0  # one request still running on it
+    pair.release()
+    assert pair.closed_event.wait(5) and snap.closed == 1
+    assert not pair.acquire()  # a closed pair cannot be leased again
+
+
+def test_unleased_pair_closes_when_retired_and_only_once():
+    snap = FakeSnapshot()
+    pair = ServingPair(snap, FakeModel())
+    pair.retire()
+    pair.retire()
+    assert pair.closed_event.wait(5)
+    assert snap.closed == 1
+
+
+def test_release_without_acquire_is_a_bug():
+    pair = ServingPair(FakeSnapshot(), FakeModel())
+    with pytest.raises(AssertionError):
+        pair.release()
+
+
+def test_encode_and_search_is_one_forward_pass_and_one_search_per_batch():
+    snap, model = FakeSnapshot(), FakeModel()
+    pair = ServingPair(snap, model)
+    pixels = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    hits = pair.encode_and_search([(pixels, 2), (pixels, 5), (pixels, 3)])
+    assert model.batches == [3] and snap.searches == [(3, 5)]  # searched once, at the largest k
+    assert [len(h.ids) for h in hits] == [2, 5, 3]
+    assert all(h.encode_s >= 0 and h.search_s >= 0 for h in hits)
+
+
+def test_concurrent_leases_are_counted_exactly():
+    snap = FakeSnapshot()
+    pair = ServingPair(snap, FakeModel())
+
+    def churn():
+        for _ in range(2000):
+            assert pair.acquire()
+            pair.release()
+
+    assert pair.acquire()  # held by "the test request" throughout
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pair.retire()
+    assert not pair.closed_event.wait(0.1)
+    pair.release()
+    assert pair.closed_event.wait(5) and snap.closed == 1
