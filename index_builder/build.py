@@ -1,0 +1,482 @@
+"""Full builds and incremental updates: collection -> hashes -> embeddings -> FAISS -> published snapshot.
+
+One job at a time per ROOT (a lock file). Everything a job computes before publishing lives under
+ROOT/.work/<model>/ and is resumable; the published snapshot is only ever replaced by a rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from index_builder import faiss_index
+from index_builder.collection import Collection, Skipped, load_collection
+from index_builder.embed import DecodeItem, EmbeddingCache, default_workers, embed_into_cache, hash_photos
+from index_builder.fsutil import write_text_atomic
+from index_builder.snapshot import (
+    MODEL_FILES,
+    PHOTOS_DB,
+    VECTORS_FILE,
+    Snapshot,
+    SnapshotWriter,
+    read_current,
+    read_photo_store,
+)
+from sbir.errors import UserError
+
+LOG = logging.getLogger(__name__)
+
+WORK_DIR = ".work"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class BuildOptions:
+    """Every knob of a build; the CLI flags map one to one (docs/INDEX.md)."""
+
+    index: str = "auto"  # a faiss factory string, or "auto"
+    memory_budget: int = faiss_index.DEFAULT_MEMORY_BUDGET
+    exact_max: int = faiss_index.EXACT_MAX
+    recall_target: float = faiss_index.RECALL_TARGET
+    keep: int = 3
+    device: str = "auto"
+    batch_size: int | None = None  # None: 32 on the CPU, 256 on a GPU
+    workers: int | None = None  # decode processes; None: default_workers()
+    threads: int | None = None  # encoder threads on the CPU; None: torch's default (all cores)
+    chunk_size: int = 512  # photos per checkpoint file
+    path_column: str = "path"
+    id_column: str = "id"
+    photo_root: Path | None = None
+    progress: bool = True
+
+
+class EmptyCollectionError(UserError):
+    """No photo of the collection could be indexed; `report` lists why each was skipped."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class BuildResult:
+    snapshot_id: str
+    published: bool
+    report: dict = field(default_factory=dict)
+
+
+class RootLock:
+    """Exclusive lock on ROOT/.lock: the kernel drops it when the process dies, even by SIGKILL.
+
+    A POSIX record lock (lockf), not flock: forked decode workers do not inherit it, so a worker that
+    outlives a killed job cannot keep the next job out.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> RootLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise UserError(f"another index job holds {self.path} (pid {holder or '?'})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.fd is not None
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def build(photos: Path, root: Path, model_dir: Path, options: BuildOptions | None = None) -> BuildResult:
+    """Embed every photo of `photos` with the model at `model_dir` and publish a snapshot under `root`."""
+    return _run(Path(photos), Path(root), Path(model_dir), options or BuildOptions(), mode="build")
+
+
+def update(
+    root: Path,
+    photos: Path,
+    options: BuildOptions | None = None,
+    model_dir: Path | None = None,
+    rebuild: bool = False,
+) -> BuildResult:
+    """Publish a new snapshot of `photos` reusing the current snapshot's vectors for unchanged content.
+
+    A model other than the current snapshot's is refused unless `rebuild` (then everything is embedded).
+    """
+    return _run(
+        Path(photos),
+        Path(root),
+        Path(model_dir) if model_dir else None,
+        options or BuildOptions(),
+        mode="rebuild" if rebuild else "update",
+    )
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mode: str) -> BuildResult:
+    from model.pipeline import checkpoint_sha256
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if opt.keep < 1:
+        raise UserError("--keep must be at least 1")
+    if not 0 < opt.recall_target <= 1:
+        raise UserError("--recall-target must be in (0, 1]")
+    root.mkdir(parents=True, exist_ok=True)
+    with RootLock(root):
+        writer = SnapshotWriter(root)
+        writer.clean_leftovers()
+        previous = _open_previous(root, mode)
+        if model_src is None:
+            assert previous is not None
+            model_src = previous.model_dir
+        if not (model_src / MODEL_FILES[0]).is_file() or not (model_src / MODEL_FILES[1]).is_file():
+            raise UserError(f"{model_src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
+        model_sha = checkpoint_sha256(model_src)
+        if previous is not None and mode == "update" and model_sha != previous.model_sha256:
+            raise UserError(
+                f"{root}: snapshot {previous.id} was built with model {previous.model_sha256[:12]}, "
+                f"--model is {model_sha[:12]}; pass --rebuild to re-embed every photo with the new model"
+            )
+        collection = load_collection(
+            photos, photo_root=opt.photo_root, path_column=opt.path_column, id_column=opt.id_column
+        )
+
+        job_dir = root / WORK_DIR / model_sha[:16]
+        staged = _stage_model(model_src, job_dir, model_sha)
+        model = _load_model(staged, opt)
+
+        t = time.perf_counter()
+        hashes, unreadable = hash_photos(collection.records, collection.root, progress=opt.progress)
+        timings["hash_s"] = time.perf_counter() - t
+
+        cache = EmbeddingCache(job_dir / "chunks", model.dim)
+        before = set(cache.row) | set(cache.failures)
+        reuse: dict[str, int] = {}
+        prev_vectors = None
+        if previous is not None and mode == "update":
+            prev_vectors = np.load(previous.path / VECTORS_FILE, mmap_mode="r")
+            prev_rows = read_photo_store(previous.path / PHOTOS_DB)
+            prev_ids = np.load(previous.path / "ids.npy")
+            row_of_id = {int(pid): r for r, pid in enumerate(prev_ids)}
+            reuse = {sha: row_of_id[pid] for pid, (_k, _p, sha, _m) in prev_rows.items()}
+        todo, seen = [], set()
+        for rec in collection.records:
+            sha = hashes.get(rec.id)
+            if sha is None or sha in seen or sha in reuse or sha in cache:
+                continue
+            seen.add(sha)
+            todo.append(DecodeItem(sha, str(rec.path)))
+        workers = default_workers() if opt.workers is None else opt.workers
+        batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
+        LOG.info(
+            "%d photos: %d to embed, %d in checkpoints, %d reused",
+            len(collection.records),
+            len(todo),
+            len(before),
+            len(reuse),
+        )
+        t = time.perf_counter()
+        stats = embed_into_cache(
+            model,
+            todo,
+            collection.root,
+            cache,
+            batch_size=batch,
+            workers=workers,
+            chunk_size=opt.chunk_size,
+            progress=opt.progress,
+        )
+        timings["embed_s"] = time.perf_counter() - t
+
+        ids, vectors, rows, skipped, sources = _assemble(
+            collection, hashes, unreadable, cache, stats, reuse, prev_vectors, before, model.dim
+        )
+        counts = {
+            "listed": len(collection.records) + len(collection.skipped),
+            "indexed": len(ids),
+            "skipped": len(skipped),
+            "embedded": stats.embedded,
+            "from_checkpoint": sources["checkpoint"],
+            "from_previous": sources["previous"],
+        }
+        if previous is not None and mode == "update":
+            counts.update(_diff_counts(prev_rows, rows))
+        report = {
+            "mode": mode,
+            "source": collection.describe(),
+            "counts": counts,
+            "skipped_by_reason": dict(Counter(s.reason for s in skipped)),
+            "skipped": [s.to_dict() for s in skipped],
+            "embedding": {
+                "workers": workers,
+                "batch_size": batch,
+                "device": str(model.device),
+                "threads": _threads(),
+                "photos_per_s": round(stats.photos_per_second, 2),
+            },
+        }
+        if not len(ids):
+            reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
+            raise EmptyCollectionError(
+                f"{photos}: no usable image ({len(skipped)} skipped: {reasons or 'none found'})", report
+            )
+        if previous is not None and mode == "update" and _unchanged(previous, rows, opt):
+            LOG.info("nothing changed: snapshot %s is up to date", previous.id)
+            shutil.rmtree(job_dir, ignore_errors=True)
+            report["timings"] = _rounded(timings, t_start)
+            return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
+
+        t = time.perf_counter()
+        plan = _plan(len(ids), model.dim, opt, previous if mode == "update" else None)
+        index = faiss_index.build_index(vectors, ids, plan.factory)
+        timings["index_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
+        timings["recall_s"] = time.perf_counter() - t
+        if recall.recall < opt.recall_target:
+            LOG.warning(
+                "recall@%d %.3f is below the target %.2f with %s",
+                recall.k,
+                recall.recall,
+                opt.recall_target,
+                plan.factory,
+            )
+
+        t = time.perf_counter()
+        manifest = _manifest(model, model_sha, plan, recall, opt, collection, previous, len(ids), mode)
+        report["index"] = manifest["index"]
+        report["timings"] = _rounded({**timings, "write_s": 0.0}, t_start)
+        snap_id = writer.write(
+            index=index,
+            ids=ids,
+            vectors=vectors,
+            photo_rows=rows,
+            model_dir=staged,
+            manifest={**manifest, "build": {**manifest["build"], "seconds": report["timings"]["total_s"]}},
+            report=report,
+        )
+        writer.publish(snap_id)
+        timings["write_s"] = time.perf_counter() - t
+        pruned = writer.prune(opt.keep)
+        if previous is not None:
+            previous.close()
+        shutil.rmtree(job_dir, ignore_errors=True)  # its content now lives in the snapshot
+        report["timings"] = _rounded(timings, t_start)
+        report["snapshot"] = snap_id
+        report["pruned"] = pruned
+        LOG.info(
+            "snapshot %s: %d photos indexed (%d embedded now), %d skipped, %s, recall@%d %.3f, %.1fs",
+            snap_id,
+            len(ids),
+            stats.embedded,
+            len(skipped),
+            plan.factory,
+            recall.k,
+            recall.recall,
+            report["timings"]["total_s"],
+        )
+        return BuildResult(snap_id, True, report)
+
+
+def _open_previous(root: Path, mode: str) -> Snapshot | None:
+    if mode == "build":
+        return None
+    if read_current(root) is None:
+        raise UserError(f"{root} has no published snapshot to update; run `sbir index build` first")
+    # the vectors of the previous snapshot are reused: make sure they are the ones it published
+    return Snapshot.open(root, verify=True)
+
+
+def _stage_model(src: Path, job_dir: Path, sha: str) -> Path:
+    """A private copy of the checkpoint: the snapshot ships exactly the model the vectors came from."""
+    from model.pipeline import checkpoint_sha256
+
+    staged = job_dir / "model"
+    if staged.is_dir():
+        try:
+            if checkpoint_sha256(staged) == sha:
+                return staged
+        except OSError:
+            pass
+        shutil.rmtree(staged)
+    tmp = job_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in MODEL_FILES:
+        shutil.copyfile(src / name, tmp / name)
+    if checkpoint_sha256(tmp) != sha:
+        shutil.rmtree(tmp)
+        raise UserError(f"{src} changed while it was being copied; try again")
+    os.rename(tmp, staged)
+    return staged
+
+
+def _load_model(ckpt: Path, opt: BuildOptions):
+    import torch
+
+    from model.pipeline import SBIRModel
+
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    model = SBIRModel.load(ckpt, device=opt.device)
+    if model.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolutions once
+    LOG.info("model %s on %s, %d-d", model.sha256[:12], model.device, model.dim)
+    return model
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _assemble(
+    collection: Collection,
+    hashes,
+    unreadable,
+    cache: EmbeddingCache,
+    stats,
+    reuse,
+    prev_vectors,
+    before: set,
+    dim: int,
+):
+    """Vectors for every indexable photo, in id order, and the photo-store rows; the rest is skipped."""
+    skipped: list[Skipped] = list(collection.skipped) + list(unreadable)
+    sources = Counter()
+    ids, rows, parts = [], [], []
+    cache_vectors = cache.vectors()
+    for rec in collection.records:  # sorted by id
+        seen_sha = hashes.get(rec.id)
+        if seen_sha is None:
+            continue  # already in `unreadable`
+        sha = stats.changed_while_running.get(seen_sha, seen_sha)
+        if sha in cache.row:
+            vec = cache_vectors[cache.row[sha]]
+            sources["checkpoint" if sha in before else "embedded"] += 1
+        elif sha in reuse:
+            vec = prev_vectors[reuse[sha]]
+            sources["previous"] += 1
+        elif sha in cache.failures:
+            reason, detail = cache.failures[sha]
+            skipped.append(Skipped(rec.key, str(rec.path), reason, detail))
+            continue
+        elif seen_sha in stats.transient:
+            reason, detail = stats.transient[seen_sha]
+            skipped.append(Skipped(rec.key, str(rec.path), reason, detail))
+            continue
+        else:
+            raise AssertionError(f"no embedding and no failure recorded for {rec.path}")
+        ids.append(rec.id)
+        parts.append(vec)
+        rows.append((rec.id, rec.key, str(rec.path), sha, json.dumps(rec.metadata, sort_keys=True)))
+    vectors = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
+    return np.asarray(ids, np.int64), vectors, rows, skipped, sources
+
+
+def _diff_counts(prev_rows: dict, rows: list) -> dict:
+    new = {r[0]: r[3] for r in rows}
+    old = {pid: v[2] for pid, v in prev_rows.items()}
+    return {
+        "added": sum(1 for pid in new if pid not in old),
+        "changed": sum(1 for pid, sha in new.items() if pid in old and old[pid] != sha),
+        "unchanged": sum(1 for pid, sha in new.items() if old.get(pid) == sha),
+        "removed": sum(1 for pid in old if pid not in new),
+    }
+
+
+def _unchanged(previous: Snapshot, rows: list, opt: BuildOptions) -> bool:
+    if opt.index != previous.manifest["index"].get("requested", "auto"):
+        return False
+    if opt.recall_target != previous.manifest["index"].get("recall", {}).get("target"):
+        return False
+    prev_rows = read_photo_store(previous.path / PHOTOS_DB)
+    return len(prev_rows) == len(rows) and all(prev_rows.get(r[0]) == r[1:] for r in rows)
+
+
+def _plan(n: int, dim: int, opt: BuildOptions, previous: Snapshot | None) -> faiss_index.IndexPlan:
+    if opt.index == "auto":
+        try:
+            return faiss_index.choose_factory(n, dim, opt.memory_budget, opt.exact_max)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    try:
+        faiss_index.new_index(opt.index, dim)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return faiss_index.IndexPlan(opt.index, faiss_index.kind_of(opt.index), "given with --index", None)
+
+
+def _manifest(model, model_sha, plan, recall, opt, collection, previous, count, mode) -> dict:
+    import faiss
+    import torch
+
+    from sbir import __version__
+
+    backbone = model.config.get("backbone", {})
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parent": previous.id if previous is not None else None,
+        "software": {
+            "sbir": __version__,
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "sha256": model_sha,
+            "config": model.config,
+            "backbone": backbone.get("name"),
+            "backbone_weights_sha256": backbone.get("weights_sha256"),
+            "dim": model.dim,
+            "dir": "model",
+        },
+        "dim": model.dim,
+        "count": count,
+        "metric": "inner_product",
+        "index": {
+            "factory": plan.factory,
+            "requested": opt.index,
+            "kind": plan.kind,
+            "reason": plan.reason,
+            "search_params": recall.params,
+            "recall": recall.to_dict(),
+            "memory_budget": opt.memory_budget,
+            "exact_max": opt.exact_max,
+            "gpus": faiss_index.gpu_count(),
+        },
+        "build": {"mode": mode, "source": collection.describe(), "device": str(model.device)},
+    }
+
+
+def _rounded(timings: dict, t_start: float) -> dict:
+    out = {k: round(v, 3) for k, v in timings.items()}
+    out["total_s"] = round(time.perf_counter() - t_start, 3)
+    return out
+
+
+def write_report(path: Path, report: dict) -> None:
+    write_text_atomic(Path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,318 @@
+"""The embedding job: photo files -> content hashes -> unit vectors, checkpointed so a killed job resumes.
+
+Embeddings are cached by content hash (sha256 of the file's bytes) in chunk files written atomically
+under ROOT/.work/<model>/: a rerun after a crash, or an update, embeds only content it has not seen.
+Decoding and preprocessing run in DataLoader worker processes, overlapped with the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index_builder.collection import PhotoRecord, Skipped
+from index_builder.fsutil import write_atomic
+
+LOG = logging.getLogger(__name__)
+
+# Files above this are refused before reading: no photo needs it, and decoding stops at 40 MP anyway.
+MAX_FILE_BYTES = 256 << 20
+READ_BLOCK = 1 << 20
+CHUNK_GLOB = "chunk-*.npz"
+# Failures that belong to the bytes themselves are cached by hash; missing or unreadable files are not.
+CONTENT_FAILURES = frozenset({"empty", "not-an-image", "corrupt", "too-large"})
+
+
+# --- content hashes ----------------------------------------------------------------------------
+
+
+def _hash_file(path: Path, root: Path) -> tuple[str | None, Skipped | None]:
+    key = str(path)
+    try:
+        real = path.resolve()
+        if not (real == root or real.is_relative_to(root)):
+            return None, Skipped(key, key, "outside-root", f"resolves to {real}")
+        size = path.stat().st_size
+        if size == 0:
+            return None, Skipped(key, key, "empty", "zero bytes")
+        if size > MAX_FILE_BYTES:
+            return None, Skipped(key, key, "too-large", f"{size} bytes exceeds {MAX_FILE_BYTES}")
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(READ_BLOCK):
+                h.update(block)
+        return h.hexdigest(), None
+    except FileNotFoundError:
+        return None, Skipped(key, key, "missing", "file not found")
+    except OSError as exc:
+        return None, Skipped(key, key, "unreadable", exc.strerror or str(exc))
+
+
+def hash_photos(
+    records: Sequence[PhotoRecord], root: Path, threads: int = 4, progress: bool = True
+) -> tuple[dict[int, str], list[Skipped]]:
+    """sha256 of every photo's bytes (threads: hashlib releases the GIL), and the unreadable ones."""
+    from tqdm import tqdm
+
+    hashes: dict[int, str] = {}
+    skipped: list[Skipped] = []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = pool.map(lambda r: _hash_file(r.path, root), records, chunksize=64)
+        bar = tqdm(results, total=len(records), desc="hashing", unit="photo", disable=not progress)
+        for record, (digest, skip) in zip(records, bar, strict=True):
+            if digest is not None:
+                hashes[record.id] = digest
+            else:
+                skipped.append(Skipped(record.key, str(record.path), skip.reason, skip.detail))
+    return hashes, skipped
+
+
+# --- decoding in worker processes --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    sha256: str  # what the hash pass saw; the worker reports what it actually read
+    path: str
+
+
+class PhotoDecodeDataset:
+    """Item i -> (i, sha256 of the bytes read, uint8 pixels or None, failure reason, detail)."""
+
+    def __init__(self, items: Sequence[DecodeItem], root: Path, preprocess: Callable):
+        self.items = list(items)
+        self.root = root
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from model.images import ImageError, load_image
+
+        item = self.items[i]
+        path = Path(item.path)
+        try:
+            real = path.resolve()
+            if not (real == self.root or real.is_relative_to(self.root)):
+                return i, item.sha256, None, "outside-root", f"resolves to {real}"
+            if path.stat().st_size > MAX_FILE_BYTES:
+                return i, item.sha256, None, "too-large", f"over {MAX_FILE_BYTES} bytes"
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return i, item.sha256, None, "missing", "file not found"
+        except OSError as exc:
+            return i, item.sha256, None, "unreadable", exc.strerror or str(exc)
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            pixels = self.preprocess(load_image(data))
+        except ImageError as exc:
+            return i, digest, None, exc.reason, exc.detail[:300]
+        return i, digest, pixels, "", ""
+
+
+def collate_decoded(batch):
+    """Stack the decoded photos of a batch; keep failures aside (a batch may hold none decoded)."""
+    import torch
+
+    ok = [b for b in batch if b[2] is not None]
+    pixels = torch.stack([b[2] for b in ok]) if ok else None
+    return {
+        "index": [b[0] for b in ok],
+        "sha256": [b[1] for b in ok],
+        "pixels": pixels,
+        "failed": [(b[0], b[1], b[3], b[4]) for b in batch if b[2] is None],
+    }
+
+
+# --- the checkpoint: chunks of (sha256 -> vector) ----------------------------------------------
+
+
+class EmbeddingCache:
+    """Vectors and decode failures by content hash, persisted as atomically written chunk files.
+
+    A chunk is complete or absent: it is written to a temporary name, fsynced and renamed. A SIGKILL
+    loses at most the chunk being filled.
+    """
+
+    def __init__(self, job_dir: Path, dim: int):
+        self.job_dir = job_dir
+        self.dim = dim
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self._vec_parts: list[np.ndarray] = []
+        self.row: dict[str, int] = {}
+        self.failures: dict[str, tuple[str, str]] = {}
+        self.loaded_from_disk = 0
+        self._load()
+
+    def _load(self) -> None:
+        for stale in self.job_dir.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        for path in sorted(self.job_dir.glob(CHUNK_GLOB)):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    shas, vecs = z["sha256"], z["vectors"]
+                    fshas, freasons, fdetails = z["failed_sha256"], z["failed_reason"], z["failed_detail"]
+                if vecs.ndim != 2 or vecs.shape[1] != self.dim or len(vecs) != len(shas):
+                    raise ValueError(f"shape {vecs.shape} for {len(shas)} hashes, expected dim {self.dim}")
+            except (OSError, ValueError, KeyError) as exc:
+                LOG.warning("ignoring unreadable checkpoint %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+                continue
+            self._add(
+                list(map(str, shas)), vecs.astype(np.float32), zip(fshas, freasons, fdetails, strict=True)
+            )
+            self.loaded_from_disk += len(shas) + len(fshas)
+        if self.loaded_from_disk:
+            LOG.info("resuming: %d photos already embedded in %s", self.loaded_from_disk, self.job_dir)
+
+    def _add(self, shas: list[str], vectors: np.ndarray, failed) -> None:
+        base = sum(len(p) for p in self._vec_parts)
+        if len(shas):
+            self._vec_parts.append(vectors)
+            for j, s in enumerate(shas):
+                self.row[s] = base + j
+        for s, reason, detail in failed:
+            self.failures[str(s)] = (str(reason), str(detail))
+
+    def write_chunk(self, shas: list[str], vectors: np.ndarray, failed: list[tuple[str, str, str]]) -> None:
+        if not shas and not failed:
+            return
+        vectors = np.asarray(vectors, np.float32).reshape(len(shas), self.dim)
+        name = f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+
+        def fill(f):
+            np.savez(
+                f,
+                sha256=np.array(shas, dtype="U64"),
+                vectors=vectors,
+                failed_sha256=np.array([x[0] for x in failed], dtype="U64"),
+                failed_reason=np.array([x[1] for x in failed], dtype="U32"),
+                failed_detail=np.array([x[2][:300] for x in failed], dtype="U300"),
+            )
+
+        write_atomic(self.job_dir / name, fill, sync_dir=True)
+        self._add(shas, vectors, failed)
+
+    def vectors(self) -> np.ndarray:
+        if not self._vec_parts:
+            return np.zeros((0, self.dim), np.float32)
+        if len(self._vec_parts) > 1:
+            self._vec_parts = [np.concatenate(self._vec_parts)]
+        return self._vec_parts[0]
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self.row or sha in self.failures
+
+
+# --- the encoder loop --------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedStats:
+    embedded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    changed_while_running: dict[str, str] = field(default_factory=dict)  # hash seen -> hash read
+    transient: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash seen -> (reason, detail)
+
+    @property
+    def photos_per_second(self) -> float:
+        return (self.embedded + self.failed) / self.seconds if self.seconds else 0.0
+
+
+def embed_into_cache(
+    model,
+    items: Sequence[DecodeItem],
+    root: Path,
+    cache: EmbeddingCache,
+    *,
+    batch_size: int = 32,
+    workers: int = 1,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> EmbedStats:
+    """Embed every item (photo) into `cache`, a chunk at a time; items already cached are skipped."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    todo = [it for it in items if it.sha256 not in cache]
+    stats = EmbedStats()
+    if not todo:
+        return stats
+    assert chunk_size >= 1 and batch_size >= 1, "chunk_size and batch_size must be positive"
+    on_gpu = model.device.type == "cuda"
+    dataset = PhotoDecodeDataset(todo, root, model.preprocess)
+    loader_args: dict = {}
+    if workers > 0:
+        # fork: workers inherit the model's preprocess without pickling the model
+        ctx = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else None
+        loader_args = {"prefetch_factor": 4, "multiprocessing_context": ctx, "persistent_workers": False}
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=on_gpu,
+        **loader_args,
+    )
+    buf_sha: list[str] = []
+    buf_vec: list[np.ndarray] = []
+    buf_fail: list[tuple[str, str, str]] = []
+
+    def flush() -> None:
+        vecs = np.concatenate(buf_vec) if buf_vec else np.zeros((0, cache.dim), np.float32)
+        cache.write_chunk(list(buf_sha), vecs, list(buf_fail))
+        buf_sha.clear(), buf_vec.clear(), buf_fail.clear()
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="embedding", unit="photo", disable=not progress, smoothing=0.05)
+    with torch.inference_mode():
+        for batch in loader:
+            for i, digest in zip(batch["index"], batch["sha256"], strict=True):
+                if digest != todo[i].sha256:
+                    stats.changed_while_running[todo[i].sha256] = digest
+            if batch["pixels"] is not None:
+                vecs = model.encode_pixels(batch["pixels"], "photo")
+                assert vecs.shape == (len(batch["index"]), cache.dim), f"encoder returned {vecs.shape}"
+                buf_vec.append(vecs)
+                buf_sha.extend(batch["sha256"])
+                stats.embedded += len(vecs)
+            for i, digest, reason, detail in batch["failed"]:
+                stats.failed += 1
+                if reason not in CONTENT_FAILURES:
+                    stats.transient[todo[i].sha256] = (reason, detail)
+                    continue
+                if digest != todo[i].sha256:
+                    stats.changed_while_running[todo[i].sha256] = digest
+                buf_fail.append((digest, reason, detail))
+            bar.update(len(batch["index"]) + len(batch["failed"]))
+            if len(buf_sha) + len(buf_fail) >= chunk_size:
+                flush()
+    flush()
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    LOG.info(
+        "embedded %d photos (%d failed to decode) in %.1fs: %.1f photos/s",
+        stats.embedded,
+        stats.failed,
+        stats.seconds,
+        stats.photos_per_second,
+    )
+    return stats
+
+
+def default_workers() -> int:
+    """Decode processes: one per four cores, at least one (decoding is ~1/6 of the encoder's work on CPU)."""
+    return max(1, (os.cpu_count() or 2) // 4)
