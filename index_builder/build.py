@@ -15,7 +15,6 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -437,7 +436,6 @@ def _manifest(model, model_sha, plan, recall, opt, collection, previous, count, 
 
     backbone = model.config.get("backbone", {})
     return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "parent": previous.id if previous is not None else None,
         "software": {
             "sbir": __version__,

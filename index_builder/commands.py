@@ -233,14 +233,19 @@ def _cmd_info(args) -> int:
             return 0
         m = snap.manifest
         ix = m["index"]
-        print(f"snapshot {snap.id}{' (CURRENT)' if snap.id == current else ''}, created {m['created']}")
+        recall = ix.get("recall") or {}
         print(
-            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']} {ix['search_params'] or ''}, "
-            f"recall@{ix['recall']['k']} {ix['recall']['recall']:.3f}, {ix['bytes_per_vector']} bytes/vector"
+            f"snapshot {snap.id}{' (CURRENT)' if snap.id == current else ''}, created {m.get('created', '?')}"
         )
         print(
-            f"  model {snap.model_sha256[:16]} ({m['model']['backbone']}), built in {m['build']['seconds']:.1f}s "
-            f"by sbir {m['software']['sbir']}"
+            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']} {ix.get('search_params') or 'exact'}, "
+            f"recall@{recall.get('k', '?')} {recall.get('recall', float('nan')):.3f}, "
+            f"{ix.get('bytes_per_vector', '?')} bytes/vector"
+        )
+        build = m.get("build", {})
+        print(
+            f"  model {snap.model_sha256[:16]} ({m['model'].get('backbone', '?')}), "
+            f"built in {build.get('seconds', float('nan')):.1f}s by sbir {m.get('software', {}).get('sbir', '?')}"
         )
         print(
             "snapshots: " + ", ".join(f"{s}{'*' if s == current else ''}" for s in list_snapshots(args.root))

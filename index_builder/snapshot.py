@@ -419,7 +419,8 @@ class SnapshotWriter:
             if f.is_file():
                 files[f.relative_to(tmp).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         index_bytes = files[INDEX_FILE]["bytes"]
-        manifest = {**manifest, "format": FORMAT, "id": snap_id, "files": files}
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = {"created": created, **manifest, "format": FORMAT, "id": snap_id, "files": files}
         manifest["index"] = {
             **manifest["index"],
             "bytes": index_bytes,
