@@ -21,9 +21,17 @@ import numpy as np
 
 from index_builder import faiss_index
 from index_builder.collection import Collection, Skipped, load_collection
-from index_builder.embed import DecodeItem, EmbeddingCache, default_workers, embed_into_cache, hash_photos
+from index_builder.embed import (
+    DecodeItem,
+    EmbeddingCache,
+    EmbedStats,
+    default_workers,
+    embed_into_cache,
+    hash_photos,
+)
 from index_builder.fsutil import write_text_atomic
 from index_builder.snapshot import (
+    IDS_FILE,
     MODEL_FILES,
     PHOTOS_DB,
     VECTORS_FILE,
@@ -133,10 +141,6 @@ def update(
 
 
 def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mode: str) -> BuildResult:
-    from model.pipeline import checkpoint_sha256
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     if opt.keep < 1:
         raise UserError("--keep must be at least 1")
     if not 0 < opt.recall_target <= 1:
@@ -146,56 +150,101 @@ def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mo
         writer = SnapshotWriter(root)
         writer.clean_leftovers()
         previous = _open_previous(root, mode)
-        if model_src is None:
-            assert previous is not None
-            model_src = previous.model_dir
-        if not (model_src / MODEL_FILES[0]).is_file() or not (model_src / MODEL_FILES[1]).is_file():
-            raise UserError(f"{model_src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
-        model_sha = checkpoint_sha256(model_src)
-        if previous is not None and mode == "update" and model_sha != previous.model_sha256:
-            raise UserError(
-                f"{root}: snapshot {previous.id} was built with model {previous.model_sha256[:12]}, "
-                f"--model is {model_sha[:12]}; pass --rebuild to re-embed every photo with the new model"
-            )
-        collection = load_collection(
-            photos, photo_root=opt.photo_root, path_column=opt.path_column, id_column=opt.id_column
+        try:
+            return _job(photos, root, model_src, opt, mode, writer, previous)
+        finally:
+            if previous is not None:
+                previous.close()
+
+
+@dataclass
+class _Reuse:
+    """The previous snapshot's vectors, addressable by content hash (updates only)."""
+
+    row_of_sha: dict[str, int] = field(default_factory=dict)
+    vectors: np.ndarray | None = None
+    rows: dict[int, tuple] = field(default_factory=dict)  # id -> (key, path, sha256, metadata JSON)
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> _Reuse:
+        rows = read_photo_store(snap.path / PHOTOS_DB)
+        row_of_id = {int(pid): r for r, pid in enumerate(np.load(snap.path / IDS_FILE))}
+        return cls(
+            row_of_sha={sha: row_of_id[pid] for pid, (_k, _p, sha, _m) in rows.items()},
+            vectors=np.load(snap.path / VECTORS_FILE, mmap_mode="r"),
+            rows=rows,
         )
 
-        job_dir = root / WORK_DIR / model_sha[:16]
-        staged = _stage_model(model_src, job_dir, model_sha)
+
+def _job(
+    photos, root, model_src, opt: BuildOptions, mode: str, writer: SnapshotWriter, previous
+) -> BuildResult:
+    from model.pipeline import checkpoint_sha256
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if model_src is None:
+        assert previous is not None, "an update without --model uses the current snapshot's model"
+        model_src = previous.model_dir
+    if not all((model_src / name).is_file() for name in MODEL_FILES):
+        raise UserError(f"{model_src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
+    model_sha = checkpoint_sha256(model_src)
+    if previous is not None and mode == "update" and model_sha != previous.model_sha256:
+        raise UserError(
+            f"{root}: snapshot {previous.id} was built with model {previous.model_sha256[:12]}, "
+            f"--model is {model_sha[:12]}; pass --rebuild to re-embed every photo with the new model"
+        )
+    collection = load_collection(
+        photos, photo_root=opt.photo_root, path_column=opt.path_column, id_column=opt.id_column
+    )
+    if not collection.records:
+        report = {
+            "mode": mode,
+            "source": collection.describe(),
+            "skipped": [s.to_dict() for s in collection.skipped],
+        }
+        raise EmptyCollectionError(
+            f"{photos}: no image files found ({len(collection.skipped)} skipped)", report
+        )
+
+    job_dir = root / WORK_DIR / model_sha[:16]
+    staged = _stage_model(model_src, job_dir, model_sha)
+    config = json.loads((staged / MODEL_FILES[0]).read_text(encoding="utf-8"))
+
+    t = time.perf_counter()
+    hashes, unreadable = hash_photos(collection.records, collection.root, progress=opt.progress)
+    timings["hash_s"] = time.perf_counter() - t
+
+    model = None
+    dim = int(config.get("dim") or 0)
+    if not dim:  # older checkpoints do not record their dimension
         model = _load_model(staged, opt)
-
-        t = time.perf_counter()
-        hashes, unreadable = hash_photos(collection.records, collection.root, progress=opt.progress)
-        timings["hash_s"] = time.perf_counter() - t
-
-        cache = EmbeddingCache(job_dir / "chunks", model.dim)
-        before = set(cache.row) | set(cache.failures)
-        reuse: dict[str, int] = {}
-        prev_vectors = None
-        if previous is not None and mode == "update":
-            prev_vectors = np.load(previous.path / VECTORS_FILE, mmap_mode="r")
-            prev_rows = read_photo_store(previous.path / PHOTOS_DB)
-            prev_ids = np.load(previous.path / "ids.npy")
-            row_of_id = {int(pid): r for r, pid in enumerate(prev_ids)}
-            reuse = {sha: row_of_id[pid] for pid, (_k, _p, sha, _m) in prev_rows.items()}
-        todo, seen = [], set()
-        for rec in collection.records:
-            sha = hashes.get(rec.id)
-            if sha is None or sha in seen or sha in reuse or sha in cache:
-                continue
-            seen.add(sha)
-            todo.append(DecodeItem(sha, str(rec.path)))
+        dim = model.dim
+    if opt.index != "auto":
+        _plan(1, dim, opt)  # refuse a bad factory string before spending time on embeddings
+    cache = EmbeddingCache(job_dir / "chunks", dim)
+    before = set(cache.row) | set(cache.failures)
+    reuse = _Reuse.of(previous) if previous is not None and mode == "update" else _Reuse()
+    todo, seen = [], set()
+    for rec in collection.records:
+        sha = hashes.get(rec.id)
+        if sha is None or sha in seen or sha in reuse.row_of_sha or sha in cache:
+            continue
+        seen.add(sha)
+        todo.append(DecodeItem(sha, str(rec.path)))
+    LOG.info(
+        "%d photos: %d to embed, %d in checkpoints, %d in the previous snapshot",
+        len(collection.records),
+        len(todo),
+        len(before),
+        len(reuse.row_of_sha),
+    )
+    t = time.perf_counter()
+    stats, embedding = EmbedStats(), {}
+    if todo:
+        model = model or _load_model(staged, opt)
         workers = default_workers() if opt.workers is None else opt.workers
         batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
-        LOG.info(
-            "%d photos: %d to embed, %d in checkpoints, %d reused",
-            len(collection.records),
-            len(todo),
-            len(before),
-            len(reuse),
-        )
-        t = time.perf_counter()
         stats = embed_into_cache(
             model,
             todo,
@@ -206,96 +255,103 @@ def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mo
             chunk_size=opt.chunk_size,
             progress=opt.progress,
         )
-        timings["embed_s"] = time.perf_counter() - t
-
-        ids, vectors, rows, skipped, sources = _assemble(
-            collection, hashes, unreadable, cache, stats, reuse, prev_vectors, before, model.dim
-        )
-        counts = {
-            "listed": len(collection.records) + len(collection.skipped),
-            "indexed": len(ids),
-            "skipped": len(skipped),
-            "embedded": stats.embedded,
-            "from_checkpoint": sources["checkpoint"],
-            "from_previous": sources["previous"],
+        embedding = {
+            "workers": workers,
+            "batch_size": batch,
+            "device": str(model.device),
+            "threads": _threads(),
+            "photos_per_s": round(stats.photos_per_second, 2),
         }
-        if previous is not None and mode == "update":
-            counts.update(_diff_counts(prev_rows, rows))
-        report = {
-            "mode": mode,
-            "source": collection.describe(),
-            "counts": counts,
-            "skipped_by_reason": dict(Counter(s.reason for s in skipped)),
-            "skipped": [s.to_dict() for s in skipped],
-            "embedding": {
-                "workers": workers,
-                "batch_size": batch,
-                "device": str(model.device),
-                "threads": _threads(),
-                "photos_per_s": round(stats.photos_per_second, 2),
-            },
-        }
-        if not len(ids):
-            reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
-            raise EmptyCollectionError(
-                f"{photos}: no usable image ({len(skipped)} skipped: {reasons or 'none found'})", report
-            )
-        if previous is not None and mode == "update" and _unchanged(previous, rows, opt):
-            LOG.info("nothing changed: snapshot %s is up to date", previous.id)
-            shutil.rmtree(job_dir, ignore_errors=True)
-            report["timings"] = _rounded(timings, t_start)
-            return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
+    timings["embed_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        plan = _plan(len(ids), model.dim, opt, previous if mode == "update" else None)
-        index = faiss_index.build_index(vectors, ids, plan.factory)
-        timings["index_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
-        timings["recall_s"] = time.perf_counter() - t
-        if recall.recall < opt.recall_target:
-            LOG.warning(
-                "recall@%d %.3f is below the target %.2f with %s",
-                recall.k,
-                recall.recall,
-                opt.recall_target,
-                plan.factory,
-            )
-
-        t = time.perf_counter()
-        manifest = _manifest(model, model_sha, plan, recall, opt, collection, previous, len(ids), mode)
-        report["index"] = manifest["index"]
-        report["timings"] = _rounded({**timings, "write_s": 0.0}, t_start)
-        snap_id = writer.write(
-            index=index,
-            ids=ids,
-            vectors=vectors,
-            photo_rows=rows,
-            model_dir=staged,
-            manifest={**manifest, "build": {**manifest["build"], "seconds": report["timings"]["total_s"]}},
-            report=report,
-        )
-        writer.publish(snap_id)
-        timings["write_s"] = time.perf_counter() - t
-        pruned = writer.prune(opt.keep)
-        if previous is not None:
-            previous.close()
-        shutil.rmtree(job_dir, ignore_errors=True)  # its content now lives in the snapshot
+    ids, vectors, rows, skipped, sources = _assemble(
+        collection, hashes, unreadable, cache, stats, reuse, before, dim
+    )
+    counts = {
+        "listed": len(collection.records) + len(collection.skipped),
+        "indexed": len(ids),
+        "skipped": len(skipped),
+        "embedded": stats.embedded,
+        "from_checkpoint": sources["checkpoint"],
+        "from_previous": sources["previous"],
+    }
+    if previous is not None and mode == "update":
+        counts.update(_diff_counts(reuse.rows, rows))
+    report = {
+        "mode": mode,
+        "source": collection.describe(),
+        "counts": counts,
+        "skipped_by_reason": dict(Counter(s.reason for s in skipped)),
+        "skipped": [s.to_dict() for s in skipped],
+        "embedding": embedding,
+    }
+    if not len(ids):
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
+        raise EmptyCollectionError(f"{photos}: no usable image ({len(skipped)} skipped: {reasons})", report)
+    if previous is not None and mode == "update" and _unchanged(previous, reuse.rows, rows, opt):
+        LOG.info("nothing changed: snapshot %s is up to date", previous.id)
+        shutil.rmtree(job_dir, ignore_errors=True)
         report["timings"] = _rounded(timings, t_start)
-        report["snapshot"] = snap_id
-        report["pruned"] = pruned
-        LOG.info(
-            "snapshot %s: %d photos indexed (%d embedded now), %d skipped, %s, recall@%d %.3f, %.1fs",
-            snap_id,
-            len(ids),
-            stats.embedded,
-            len(skipped),
-            plan.factory,
+        return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
+
+    t = time.perf_counter()
+    plan = _plan(len(ids), dim, opt)
+    index = faiss_index.build_index(vectors, ids, plan.factory)
+    timings["index_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
+    timings["recall_s"] = time.perf_counter() - t
+    if recall.recall < opt.recall_target:
+        LOG.warning(
+            "recall@%d %.3f is below the target %.2f with %s",
             recall.k,
             recall.recall,
-            report["timings"]["total_s"],
+            opt.recall_target,
+            plan.factory,
         )
-        return BuildResult(snap_id, True, report)
+
+    t = time.perf_counter()
+    manifest = _manifest(
+        config,
+        model_sha,
+        dim,
+        plan,
+        recall,
+        opt,
+        collection,
+        previous,
+        len(ids),
+        mode,
+        embedding.get("device"),
+    )
+    manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)  # up to writing the snapshot
+    report["index"] = manifest["index"]
+    snap_id = writer.write(
+        index=index,
+        ids=ids,
+        vectors=vectors,
+        photo_rows=rows,
+        model_dir=staged,
+        manifest=manifest,
+        report=report,
+    )
+    writer.publish(snap_id)
+    timings["write_s"] = time.perf_counter() - t
+    pruned = writer.prune(opt.keep)
+    shutil.rmtree(job_dir, ignore_errors=True)  # its content now lives in the snapshot
+    report.update(timings=_rounded(timings, t_start), snapshot=snap_id, pruned=pruned)
+    LOG.info(
+        "snapshot %s: %d photos indexed (%d embedded now), %d skipped, %s, recall@%d %.3f, %.1fs",
+        snap_id,
+        len(ids),
+        stats.embedded,
+        len(skipped),
+        plan.factory,
+        recall.k,
+        recall.recall,
+        report["timings"]["total_s"],
+    )
+    return BuildResult(snap_id, True, report)
 
 
 def _open_previous(root: Path, mode: str) -> Snapshot | None:
@@ -356,9 +412,8 @@ def _assemble(
     hashes,
     unreadable,
     cache: EmbeddingCache,
-    stats,
-    reuse,
-    prev_vectors,
+    stats: EmbedStats,
+    reuse: _Reuse,
     before: set,
     dim: int,
 ):
@@ -375,8 +430,8 @@ def _assemble(
         if sha in cache.row:
             vec = cache_vectors[cache.row[sha]]
             sources["checkpoint" if sha in before else "embedded"] += 1
-        elif sha in reuse:
-            vec = prev_vectors[reuse[sha]]
+        elif sha in reuse.row_of_sha:
+            vec = reuse.vectors[reuse.row_of_sha[sha]]
             sources["previous"] += 1
         elif sha in cache.failures:
             reason, detail = cache.failures[sha]
@@ -406,16 +461,17 @@ def _diff_counts(prev_rows: dict, rows: list) -> dict:
     }
 
 
-def _unchanged(previous: Snapshot, rows: list, opt: BuildOptions) -> bool:
-    if opt.index != previous.manifest["index"].get("requested", "auto"):
+def _unchanged(previous: Snapshot, prev_rows: dict, rows: list, opt: BuildOptions) -> bool:
+    """Same photos, same content, same metadata and the same index settings as the current snapshot."""
+    index = previous.manifest["index"]
+    if opt.index != index.get("requested", "auto") or opt.recall_target != index.get("recall", {}).get(
+        "target"
+    ):
         return False
-    if opt.recall_target != previous.manifest["index"].get("recall", {}).get("target"):
-        return False
-    prev_rows = read_photo_store(previous.path / PHOTOS_DB)
     return len(prev_rows) == len(rows) and all(prev_rows.get(r[0]) == r[1:] for r in rows)
 
 
-def _plan(n: int, dim: int, opt: BuildOptions, previous: Snapshot | None) -> faiss_index.IndexPlan:
+def _plan(n: int, dim: int, opt: BuildOptions) -> faiss_index.IndexPlan:
     if opt.index == "auto":
         try:
             return faiss_index.choose_factory(n, dim, opt.memory_budget, opt.exact_max)
@@ -428,13 +484,13 @@ def _plan(n: int, dim: int, opt: BuildOptions, previous: Snapshot | None) -> fai
     return faiss_index.IndexPlan(opt.index, faiss_index.kind_of(opt.index), "given with --index", None)
 
 
-def _manifest(model, model_sha, plan, recall, opt, collection, previous, count, mode) -> dict:
+def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, count, mode, device) -> dict:
     import faiss
     import torch
 
     from sbir import __version__
 
-    backbone = model.config.get("backbone", {})
+    backbone = config.get("backbone", {})
     return {
         "parent": previous.id if previous is not None else None,
         "software": {
@@ -446,13 +502,13 @@ def _manifest(model, model_sha, plan, recall, opt, collection, previous, count, 
         },
         "model": {
             "sha256": model_sha,
-            "config": model.config,
+            "config": config,
             "backbone": backbone.get("name"),
             "backbone_weights_sha256": backbone.get("weights_sha256"),
-            "dim": model.dim,
+            "dim": dim,
             "dir": "model",
         },
-        "dim": model.dim,
+        "dim": dim,
         "count": count,
         "metric": "inner_product",
         "index": {
@@ -466,7 +522,7 @@ def _manifest(model, model_sha, plan, recall, opt, collection, previous, count, 
             "exact_max": opt.exact_max,
             "gpus": faiss_index.gpu_count(),
         },
-        "build": {"mode": mode, "source": collection.describe(), "device": str(model.device)},
+        "build": {"mode": mode, "source": collection.describe(), "device": device},
     }
 
 

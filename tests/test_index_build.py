@@ -1,0 +1,138 @@
+"""`sbir index build` end to end with a real (untrained) model: bad input, reports, stored vectors, manifests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_index_support import build_cli, make_bad_files, make_photos, photo, sbir
+
+from index_builder.snapshot import Snapshot, read_current
+from model.images import load_image
+
+
+@pytest.fixture(scope="module")
+def model(untrained_checkpoint):
+    from model.pipeline import SBIRModel
+
+    return SBIRModel.load(untrained_checkpoint, device="cpu")
+
+
+def test_bad_files_are_skipped_with_reasons_and_the_rest_is_indexed(tmp_path, untrained_checkpoint, model):
+    photos = tmp_path / "photos"
+    good = make_photos(photos, range(5))
+    frames = [photo(50), photo(51)]
+    frames[0].save(photos / "anim.gif", save_all=True, append_images=frames[1:])  # first frame counts
+    expected = make_bad_files(photos, tmp_path / "outside")
+    root = tmp_path / "index"
+    report = build_cli(photos, untrained_checkpoint, root)
+
+    reasons = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert reasons == expected
+    assert all(s["path"] and s["detail"] for s in report["skipped"])
+    assert report["counts"]["indexed"] == 6 and report["counts"]["embedded"] == 6
+    assert report["skipped_by_reason"] == {r: 1 for r in expected.values()}
+    assert sbir("index", "verify", root) == 0
+
+    with Snapshot.open(root, verify=True) as snap:
+        assert snap.count == 6 and snap.dim == model.dim
+        assert snap.model_sha256 == model.sha256
+        manifest = snap.manifest
+        assert manifest["model"]["backbone_weights_sha256"] == model.config["backbone"]["weights_sha256"]
+        assert manifest["index"]["factory"] == "Flat" and manifest["index"]["recall"]["recall"] == 1.0
+        assert set(manifest["files"]) >= {"index.faiss", "photos.sqlite", "model/model.safetensors"}
+        # the stored vector of a photo is the model's embedding of that photo, under that photo's id
+        for path in (good[0], good[3], photos / "anim.gif"):
+            pixels = torch.stack([model.preprocess(load_image(path))])
+            expected_vec = model.encode_pixels(pixels, "photo")
+            scores, ids = snap.search(expected_vec, 3)
+            (rec,) = snap.lookup([int(ids[0, 0])])
+            assert rec["path"] == str(path.resolve()) and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+            assert len(rec["sha256"]) == 64
+        # the report travels with the snapshot
+        stored = json.loads((snap.path / "build_report.json").read_text())
+        assert {s["key"] for s in stored["skipped"]} == set(expected)
+
+
+def test_a_collection_without_any_usable_image_is_a_clear_error(tmp_path, untrained_checkpoint, capsys):
+    photos = tmp_path / "photos"
+    make_bad_files(photos, tmp_path / "outside")
+    root = tmp_path / "index"
+    report = tmp_path / "report.json"
+    code = sbir(
+        "index",
+        "build",
+        photos,
+        "--model",
+        untrained_checkpoint,
+        "--out",
+        root,
+        "--workers",
+        0,
+        "--no-progress",
+        "--report",
+        report,
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no usable image" in err and "Traceback" not in err
+    assert {s["reason"] for s in json.loads(report.read_text())["skipped"]} == {
+        "empty",
+        "not-an-image",
+        "corrupt",
+        "too-large",
+        "outside-root",
+    }
+    assert read_current(root) is None
+
+    (tmp_path / "empty").mkdir()
+    assert sbir("index", "build", tmp_path / "empty", "--model", untrained_checkpoint, "--out", root) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+def test_manifest_metadata_and_ids_round_trip(tmp_path, untrained_checkpoint):
+    folder = tmp_path / "coll"
+    paths = make_photos(folder, range(3))
+    rows = [
+        {"path": str(p.relative_to(folder)), "id": 1000 + i, "caption": f"photo {i}", "tags": ["x", i]}
+        for i, p in enumerate(paths)
+    ]
+    rows.append({"path": "missing.jpg", "id": 5, "caption": "gone"})
+    (folder / "photos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "index"
+    report = build_cli(folder / "photos.jsonl", untrained_checkpoint, root)
+    assert [(s["key"], s["reason"]) for s in report["skipped"]] == [("5", "missing")]
+    with Snapshot.open(root) as snap:
+        recs = snap.lookup([1000, 1001, 1002, 5])
+        assert recs[3] is None
+        for i, rec in enumerate(recs[:3]):
+            assert rec["id"] == 1000 + i
+            assert rec["metadata"] == {"caption": f"photo {i}", "tags": ["x", i]}
+            assert rec["path"] == str(paths[i].resolve())
+
+
+def test_explicit_index_factory_and_bad_factory(tmp_path, untrained_checkpoint, capsys):
+    photos = tmp_path / "photos"
+    make_photos(photos, range(8))
+    root = tmp_path / "index"
+    report = build_cli(photos, untrained_checkpoint, root, "--index", "HNSW8", "--keep", "1")
+    assert report["index"]["factory"] == "HNSW8" and report["index"]["search_params"].keys() == {"efSearch"}
+    assert report["index"]["recall"]["recall"] >= 0.95
+    code = sbir(
+        "index",
+        "build",
+        photos,
+        "--model",
+        untrained_checkpoint,
+        "--out",
+        root,
+        "--index",
+        "Bogus12",
+        "--workers",
+        0,
+        "--no-progress",
+    )
+    assert code == 2 and "faiss cannot build index 'Bogus12'" in capsys.readouterr().err
+    with Snapshot.open(root) as snap:
+        assert snap.factory == "HNSW8"  # the failed build published nothing
