@@ -110,7 +110,7 @@ def test_choose_factory_exact_then_ivf_by_memory_budget():
     assert fi.choose_factory(1000, 64).factory == "Flat"
     assert fi.choose_factory(fi.EXACT_MAX, 64).kind == "flat"
     big = fi.choose_factory(1_000_000, 64, memory_budget=4 << 30)
-    assert big.kind == "ivf-flat" and big.factory.startswith("IVF1024,")
+    assert big.kind == "ivf-flat" and big.factory.startswith("IVF4096,")
     assert fi.choose_factory(1_000_000, 64, memory_budget=200 << 20).kind == "ivf-sq8"
     pq = fi.choose_factory(1_000_000, 64, memory_budget=30 << 20)
     assert pq.kind == "ivf-pq" and pq.bytes_per_vector * 1_000_000 <= 30 << 20
