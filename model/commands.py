@@ -51,8 +51,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--objective", choices=["release", "paper"], default="release")
     t.add_argument("--lam", type=float, default=1.0, help="IIAE lambda")
     t.add_argument("--beta", type=float, default=0.5, help="IIAE beta (release form)")
-    t.add_argument("--iiae-steps", type=int, default=9000, help="maximum IIAE steps (best on val is kept)")
-    t.add_argument("--pair-by", choices=["category", "instance"], default="category")
+    t.add_argument("--iiae-steps", type=int, default=3000, help="maximum IIAE steps (best on val is kept)")
+    t.add_argument("--iiae-lr", type=float, default=1e-3, help="IIAE learning rate (the release: 2e-4)")
+    t.add_argument("--pair-by", choices=["category", "instance"], default="instance",
+                   help="IIAE pairs: same item (falls back to same class) or random same-class (the release)")
+    t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
     t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=cmd_train)
@@ -137,7 +140,8 @@ def cmd_train(args) -> int:
         split = replace(split, granularity=args.granularity)
     fs = _load_features(args)
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
-                      iiae_max_steps=args.iiae_steps, pair_by=args.pair_by, peer=not args.no_peer)
+                      iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
+                      peer=not args.no_peer, refit=not args.no_refit)
     summary = train_all(fs, records, split, cfg, args.out)
     print(json.dumps(summary, indent=2))
     return 0

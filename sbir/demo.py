@@ -1,0 +1,156 @@
+"""`sbir demo`: the whole product on the built-in emoji benchmark, in one command.
+
+Prepares the data (npm packages -> rendered images), caches backbone features, trains the model on
+the seen classes of one split (or reuses a model trained on the same data and settings), indexes the
+colour emoji gallery and serves it at http://127.0.0.1:8000. Every step is cached, so a second run
+starts serving within seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from sbir.errors import UserError
+
+LOG = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="build data, train, index and serve the emoji demo (cached; first run ~15 min on 2 cores)",
+        description="One command from nothing to a running search service on the built-in emoji benchmark.",
+    )
+    p.add_argument("--data", type=Path, default=Path("data/emoji"), help="dataset directory")
+    p.add_argument("--work", type=Path, default=Path("runs/demo"), help="model and index directory")
+    p.add_argument("--split", default="category_seed0", help="the demo model never sees this split's unseen classes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sketch-views", type=int, default=1,
+                   help="augmented renders per sketch when features must be computed (the benchmark uses 3)")
+    p.add_argument("--no-serve", action="store_true", help="prepare everything, then exit")
+    p.set_defaults(func=cmd_demo)
+
+
+def _step(n: int, text: str) -> None:
+    print(f"[{n}/5] {text}", flush=True)
+
+
+def _features(data: Path, records, sketch_views: int):
+    """Reuse a complete feature cache of the default backbone, whatever its view count; else compute one."""
+    from model.backbones import create_backbone
+    from model.commands import default_features_dir
+    from model.features import META_FILE, FeatureSet, extract_features
+
+    out = default_features_dir(data, "efficientnet_lite2")
+    if (out / META_FILE).is_file() and (out / "features.safetensors").is_file():
+        fs = FeatureSet.load(out)
+        if fs.meta["plan"]["records_sha256"] and len(set(fs.record.tolist())) > 0.95 * len(records):
+            return fs, out
+    backbone = create_backbone("efficientnet_lite2")
+    return extract_features(data, records, backbone, out, sketch_views=sketch_views, edge_artists=()), out
+
+
+def _train(data: Path, work: Path, records, split, fs) -> Path:
+    from model.train import TrainConfig, train_all
+
+    model_dir = work / "model"
+    cfg_path = model_dir / "config.json"
+    if cfg_path.is_file():
+        trained = json.loads(cfg_path.read_text()).get("training", {})
+        if trained.get("split") == split.to_dict() and trained.get("features") == fs.meta.get("plan"):
+            print(f"      reusing the model in {model_dir} (trained on the same split and features)")
+            return model_dir
+    summary = train_all(fs, records, split, TrainConfig(peer=False), work)
+    print(f"      validation mAP: adapter {summary['adapter']['val_mAP']:.3f}, IIAE {summary['iiae']['val_mAP']:.3f}"
+          f" ({summary['seconds']['total']:.0f} s)")
+    return model_dir
+
+
+def _gallery_manifest(data: Path, records, path: Path) -> Path:
+    """The colour emoji as a photo manifest (path + metadata) for the index builder."""
+    import csv
+
+    from model.data.dataset import resolve_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
+        for r in records:
+            if r.domain != "photo":
+                continue
+            w.writerow([str(resolve_path(data, r).resolve()), r.meta.get("emoji", ""), r.meta.get("annotation", ""),
+                        r.category, r.meta.get("group", ""), r.artist])
+    tmp.replace(path)
+    return path
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from model.data.dataset import load_split, read_manifest
+
+    t0 = time.perf_counter()
+    data, work = args.data, args.work
+    _step(1, f"emoji benchmark in {data}")
+    if not (data / "manifest.csv").is_file():
+        from model.data.emoji import build_emoji
+
+        build_emoji(data, seeds=(0, 1, 2))
+    records = read_manifest(data)
+    split = load_split(data, args.split)
+    print(f"      {sum(r.domain == 'sketch' for r in records)} line drawings, "
+          f"{sum(r.domain == 'photo' for r in records)} colour emoji; split {split.name}: "
+          f"{len(split.train)} training, {len(split.val)} validation, {len(split.unseen)} unseen subgroups")
+
+    _step(2, "backbone features (EfficientNet-Lite2, cached)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    fs, feat_dir = _features(data, records, args.sketch_views)
+
+    _step(3, "training the adapter and IIAE on the seen subgroups (cached)")
+    model_dir = _train(data, work, records, split, fs)
+
+    _step(4, "indexing the colour emoji gallery (cached)")
+    from index_builder.build import BuildOptions, build
+    from index_builder.snapshot import Snapshot, read_current
+    from model.pipeline import checkpoint_sha256
+
+    index_root = work / "index"
+    index_root.mkdir(parents=True, exist_ok=True)
+    manifest = _gallery_manifest(data, records, work / "gallery.csv")
+    sha = checkpoint_sha256(model_dir)
+    current = read_current(index_root)
+    reuse = False
+    if current:
+        snap = Snapshot.open(index_root)
+        reuse = snap.model_sha256 == sha
+        snap.close()
+    if reuse:
+        print(f"      reusing snapshot {current}")
+    else:
+        from index_builder.feature_reuse import seed_cache_from_features
+
+        seeded = seed_cache_from_features(index_root, model_dir, data, records, feat_dir)
+        print(f"      {seeded} photo embeddings taken from the feature cache")
+        result = build(manifest, index_root, model_dir, BuildOptions(device=args.device))
+        print(f"      published snapshot {result.snapshot_id}")
+    print(f"      ready after {time.perf_counter() - t0:.0f} s")
+    if args.no_serve:
+        return 0
+
+    _step(5, f"serving on http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    from service.server import run
+    from service.settings import Settings
+
+    try:
+        run(Settings(snapshot_root=index_root, host=args.host, port=args.port, device=args.device))
+    except OSError as exc:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    return 0
