@@ -4,16 +4,20 @@ Coroutines `submit` a payload under a key and await a future; the worker takes t
 item, waits at most `max_wait_s` (counted from when that item arrived) for up to `max_batch - 1`
 more with the same key, runs `run_batch(key, payloads)` once, and resolves every future through
 `loop.call_soon_threadsafe`. The event loop never runs the batch itself.
+
+Callers announce requests that will submit soon (`incoming`, e.g. while they decode); the worker
+waits for more only while some are announced, so a lone request never waits for company.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +89,16 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._stopped = False
+        self._incoming = 0  # written on the event loop only; the worker just reads it
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce that a request is on its way: wrap the work before it *and* its `enqueue`."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
 
     def start(self) -> None:
         self._thread.start()
@@ -93,8 +107,11 @@ class MicroBatcher:
         """Items waiting for a batch (approximate, as any queue size read from another thread)."""
         return self._queue.qsize()
 
-    async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
-        """Queue one payload and wait for its result; raises QueueFull at once when over `max_queue`."""
+    def enqueue(self, key: Hashable, payload: Any) -> asyncio.Future:
+        """Queue one payload (on the event loop); await the future for (result, BatchInfo).
+
+        Raises QueueFull at once when `max_queue` items are already waiting.
+        """
         if self._stopped:
             raise BatcherStopped("the service is shutting down")
         loop = asyncio.get_running_loop()
@@ -103,7 +120,11 @@ class MicroBatcher:
             self._queue.put_nowait(item)
         except queue.Full:
             raise QueueFull(f"{self._queue.maxsize} requests are already waiting for the encoder") from None
-        return await item.future
+        return item.future
+
+    async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
+        """Queue one payload and wait for its result."""
+        return await self.enqueue(key, payload)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let queued items finish, then end the worker thread."""
@@ -135,6 +156,8 @@ class MicroBatcher:
         batch = [first]
         deadline = first.enqueued + self.max_wait_s
         while len(batch) < self.max_batch:
+            if self._incoming <= 0 and self._queue.empty():
+                break  # nobody else is on the way: waiting would only add latency
             timeout = deadline - time.perf_counter()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()

@@ -33,13 +33,21 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def announced(b: MicroBatcher, key, payload, work_s: float = 0.0):
+    """As the service does: announce the request while it decodes, enqueue, then wait."""
+    with b.incoming():
+        await asyncio.sleep(work_s)
+        waiting = b.enqueue(key, payload)
+    return await waiting
+
+
 def test_concurrent_requests_share_one_batch_and_get_their_own_results():
     rec = Recorder()
     b = MicroBatcher(rec, max_batch=8, max_wait_s=0.2, max_queue=64)
     b.start()
 
     async def main():
-        return await asyncio.gather(*(b.submit("k", i) for i in range(8)))
+        return await asyncio.gather(*(announced(b, "k", i, work_s=0.01) for i in range(8)))
 
     out = run(main())
     b.stop()
@@ -55,7 +63,7 @@ def test_max_batch_is_respected():
     b.start()
 
     async def main():
-        return await asyncio.gather(*(b.submit("k", i) for i in range(10)))
+        return await asyncio.gather(*(announced(b, "k", i, work_s=0.01) for i in range(10)))
 
     out = run(main())
     b.stop()
@@ -64,21 +72,41 @@ def test_max_batch_is_respected():
     assert max(sizes) == 3 and sum(sizes) == 10
 
 
-def test_a_lone_request_waits_at_most_max_wait():
+def test_a_lone_request_does_not_wait_for_company():
     rec = Recorder()
-    b = MicroBatcher(rec, max_batch=16, max_wait_s=0.05, max_queue=64)
+    b = MicroBatcher(rec, max_batch=16, max_wait_s=0.5, max_queue=64)
     b.start()
 
     async def main():
         t = time.perf_counter()
-        (r, info) = await b.submit("k", 1)
+        (r, info) = await announced(b, "k", 1)
         return r, info, time.perf_counter() - t
 
     r, info, elapsed = run(main())
     b.stop()
     assert r == 2 and info.batch_size == 1
-    assert 0.04 <= elapsed < 0.5
-    assert 0.04 <= info.queued_s < 0.5
+    assert elapsed < 0.25 and info.queued_s < 0.25  # far less than max_wait
+
+
+def test_a_batch_waits_at_most_max_wait_for_announced_requests():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=16, max_wait_s=0.05, max_queue=64)
+    b.start()
+
+    async def main():
+        slow = asyncio.ensure_future(announced(b, "k", 2, work_s=0.5))  # still decoding for 0.5 s
+        await asyncio.sleep(0.01)
+        t = time.perf_counter()
+        (r, info) = await announced(b, "k", 1)
+        elapsed = time.perf_counter() - t
+        await slow
+        return r, info, elapsed
+
+    r, info, elapsed = run(main())
+    b.stop()
+    assert r == 2 and info.batch_size == 1
+    assert 0.04 <= info.queued_s < 0.4 and elapsed < 0.45  # waited for company, but not for long
+    assert [len(p) for _, p in rec.batches] == [1, 1]
 
 
 def test_keys_are_never_mixed_in_one_batch():
@@ -87,7 +115,7 @@ def test_keys_are_never_mixed_in_one_batch():
     b.start()
 
     async def main():
-        return await asyncio.gather(*(b.submit("old" if i % 3 else "new", i) for i in range(12)))
+        return await asyncio.gather(*(announced(b, "old" if i % 3 else "new", i, 0.01) for i in range(12)))
 
     out = run(main())
     b.stop()
@@ -150,7 +178,7 @@ def test_the_event_loop_keeps_running_while_a_batch_computes():
 
     ticks = run(main())
     b.stop()
-    assert ticks >= 20  # about 40 in 0.4 s: the loop was not blocked by the batch
+    assert ticks >= 5  # about 40 in 0.4 s on an idle machine; 0 if the batch blocked the loop
 
 
 def test_submit_after_stop_is_refused():

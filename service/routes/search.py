@@ -117,9 +117,11 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
     pair = service.state.acquire()  # this request finishes on this pair, even if a reload swaps it out
     try:
         loop = asyncio.get_running_loop()
-        pixels, form = await loop.run_in_executor(service.decode_pool, _decode, body, content_type, pair)
-        t_decode = time.perf_counter()
-        hit, batch = await service.batcher.submit(pair, (pixels, k))
+        with service.batcher.incoming():  # a batch that is forming may wait for this sketch
+            pixels, form = await loop.run_in_executor(service.decode_pool, _decode, body, content_type, pair)
+            t_decode = time.perf_counter()
+            waiting = service.batcher.enqueue(pair, (pixels, k))
+        hit, batch = await waiting
         t_batch = time.perf_counter()
         found = [
             (float(s), int(i)) for s, i in zip(hit.scores.tolist(), hit.ids.tolist(), strict=True) if i >= 0
