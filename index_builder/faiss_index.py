@@ -25,7 +25,9 @@ DEFAULT_MEMORY_BUDGET = 4 << 30
 RECALL_K = 10
 RECALL_TARGET = 0.95
 # Values tried, in order, when tuning the one search-time knob of each family.
-NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+NPROBE_LADDER = tuple(
+    sorted({1, 2, 3} | {b << s for s in range(16) for b in (4, 6)})
+)  # 1, 2, 3, 4, 6, 8, 12, ...
 EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ID_BYTES = 8
 
@@ -214,7 +216,7 @@ def tunable_parameter(index: faiss.Index) -> tuple[str, tuple[int, ...]] | None:
     """The search-time knob of this index and the values worth trying, or None (exact indexes)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return "nprobe", tuple(v for v in NPROBE_LADDER if v <= ivf.nlist)
+        return "nprobe", tuple(v for v in NPROBE_LADDER if v < ivf.nlist) + (ivf.nlist,)
     inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
     if hasattr(inner, "hnsw"):
         return "efSearch", EF_SEARCH_LADDER
@@ -375,6 +377,16 @@ def tune_and_measure(
                 break
         else:
             LOG.warning("recall@%d target %.3f not reached: best %.3f at %s", kk, target, r, params)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and params["nprobe"] > ivf.nlist // 10:
+            LOG.warning(
+                "recall@%d %.2f needs %d of %d lists probed: these vectors have little cluster structure, so "
+                "IVF saves little over exact search; consider --index HNSW32 or a lower --recall-target",
+                kk,
+                target,
+                params["nprobe"],
+                ivf.nlist,
+            )
     recall = measure(1)
     check = RecallCheck(
         k=kk,
