@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,29 +88,42 @@ class RootLock:
     """Exclusive lock on ROOT/.lock: the kernel drops it when the process dies, even by SIGKILL.
 
     A POSIX record lock (lockf), not flock: forked decode workers do not inherit it, so a worker that
-    outlives a killed job cannot keep the next job out.
+    outlives a killed job cannot keep the next job out. Record locks do not exclude the same process,
+    so jobs of one process are excluded by a set of held roots.
     """
+
+    _held: set[str] = set()
+    _held_lock = threading.Lock()
 
     def __init__(self, root: Path):
         self.path = root / LOCK_FILE
+        self.key = str(self.path.resolve())
         self.fd: int | None = None
 
     def __enter__(self) -> RootLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
-            os.close(self.fd)
-            raise UserError(f"another index job holds {self.path} (pid {holder or '?'})") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        with RootLock._held_lock:
+            if self.key in RootLock._held:
+                raise UserError(f"another index job holds {self.path} (pid {os.getpid()}, this process)")
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"another index job holds {self.path} (pid {holder or '?'})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            RootLock._held.add(self.key)
         return self
 
     def __exit__(self, *exc) -> None:
         assert self.fd is not None
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        with RootLock._held_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+            RootLock._held.discard(self.key)
 
 
 def build(photos: Path, root: Path, model_dir: Path, options: BuildOptions | None = None) -> BuildResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,42 @@ def test_explicit_index_factory_and_bad_factory(tmp_path, untrained_checkpoint, 
     assert code == 2 and "faiss cannot build index 'Bogus12'" in capsys.readouterr().err
     with Snapshot.open(root) as snap:
         assert snap.factory == "HNSW8"  # the failed build published nothing
+
+
+def test_one_job_at_a_time_per_root(tmp_path, untrained_checkpoint, capsys):
+    import subprocess
+    import sys
+
+    from index_builder.build import RootLock
+
+    photos = tmp_path / "photos"
+    make_photos(photos, range(2))
+    root = tmp_path / "index"
+    root.mkdir()
+    with RootLock(root):  # same process
+        assert sbir("index", "build", photos, "--model", untrained_checkpoint, "--out", root) == 2
+        assert "another index job holds" in capsys.readouterr().err
+    holder = subprocess.Popen(  # another process
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from index_builder.build import RootLock; "
+            "lock = RootLock(Path(sys.argv[1])).__enter__(); print('locked', flush=True); time.sleep(60)",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert sbir("index", "build", photos, "--model", untrained_checkpoint, "--out", root) == 2
+        assert f"(pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_current(root) is None
+    # the lock died with its holder: the next job runs
+    assert (
+        sbir("index", "build", photos, "--model", untrained_checkpoint, "--out", root, "--no-progress") == 0
+    )
