@@ -250,6 +250,11 @@ def _cmd_info(args) -> int:
         print(
             "snapshots: " + ", ".join(f"{s}{'*' if s == current else ''}" for s in list_snapshots(args.root))
         )
+        for job in sorted(p for p in (args.root / ".work").glob("*") if p.is_dir()):
+            chunks = list(job.glob("chunks/chunk-*.npz"))
+            print(
+                f"unfinished job for model {job.name}: {len(chunks)} checkpoint chunk(s), a rerun resumes them"
+            )
     finally:
         snap.close()
     return 0

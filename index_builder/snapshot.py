@@ -382,7 +382,8 @@ class SnapshotWriter:
             if p.name.startswith((".tmp-", ".trash-")):
                 LOG.info("removing leftover %s", p.name)
                 shutil.rmtree(p, ignore_errors=True)
-        (self.root / f"{CURRENT}.tmp").unlink(missing_ok=True)
+        for stale in self.root.glob(f"{CURRENT}.*.tmp"):  # write_text_atomic's temporary name
+            stale.unlink(missing_ok=True)
 
     def write(
         self,

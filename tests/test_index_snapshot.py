@@ -180,10 +180,10 @@ def test_unpublished_and_half_written_snapshots_are_invisible_and_cleaned(tmp_pa
     half = snapshots_dir(root) / ".tmp-20990101T000000.000000Z-abcdef"
     half.mkdir()
     (half / INDEX_FILE).write_bytes(b"partial")
-    (root / f"{CURRENT}.tmp").write_text("garbage")
+    (root / f"{CURRENT}.4242.tmp").write_text("garbage")
     assert half.name not in list_snapshots(root)
     SnapshotWriter(root).clean_leftovers()
-    assert not half.exists() and not (root / f"{CURRENT}.tmp").exists()
+    assert not half.exists() and not (root / f"{CURRENT}.4242.tmp").exists()
     assert read_current(root) == first and written in list_snapshots(root)
 
 
