@@ -37,6 +37,7 @@ from index_builder.snapshot import (
     PHOTOS_DB,
     VECTORS_FILE,
     Snapshot,
+    SnapshotError,
     SnapshotWriter,
     read_current,
     read_photo_store,
@@ -163,7 +164,7 @@ def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mo
     with RootLock(root):
         writer = SnapshotWriter(root)
         writer.clean_leftovers()
-        previous = _open_previous(root, mode)
+        previous = _open_previous(root, mode, model_src is not None)
         try:
             return _job(photos, root, model_src, opt, mode, writer, previous)
         finally:
@@ -257,6 +258,8 @@ def _job(
     stats, embedding = EmbedStats(), {}
     if todo:
         model = model or _load_model(staged, opt)
+        if model.dim != dim:
+            raise UserError(f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors")
         workers = default_workers() if opt.workers is None else opt.workers
         batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
         stats = embed_into_cache(
@@ -368,13 +371,21 @@ def _job(
     return BuildResult(snap_id, True, report)
 
 
-def _open_previous(root: Path, mode: str) -> Snapshot | None:
+def _open_previous(root: Path, mode: str, model_given: bool) -> Snapshot | None:
     if mode == "build":
         return None
     if read_current(root) is None:
         raise UserError(f"{root} has no published snapshot to update; run `sbir index build` first")
-    # the vectors of the previous snapshot are reused: make sure they are the ones it published
-    return Snapshot.open(root, verify=True)
+    if mode == "update":
+        # its vectors are reused: make sure they are the ones it published
+        return Snapshot.open(root, verify=True)
+    try:  # rebuild: nothing is reused, so a damaged current snapshot must not stand in the way
+        return Snapshot.open(root)
+    except SnapshotError as exc:
+        if not model_given:
+            raise UserError(f"{exc}; give --model to rebuild without it") from None
+        LOG.warning("rebuilding without the current snapshot: %s", exc)
+        return None
 
 
 def _stage_model(src: Path, job_dir: Path, sha: str) -> Path:

@@ -129,3 +129,23 @@ def test_update_needs_a_published_snapshot(tmp_path, capsys):
     make_photos(photos, range(1))
     assert sbir("index", "update", tmp_path / "nothing", photos) == 2
     assert "no published snapshot" in capsys.readouterr().err
+
+
+def test_rebuild_recovers_from_a_damaged_current_snapshot(tmp_path, untrained_checkpoint, capsys):
+    photos = tmp_path / "photos"
+    make_photos(photos, range(3))
+    root = tmp_path / "index"
+    build_cli(photos, untrained_checkpoint, root)
+    broken = read_current(root)
+    with Snapshot.open(root) as snap:
+        index_file = snap.path / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:40])
+
+    assert sbir("index", "update", root, photos, "--no-progress") == 2  # its vectors cannot be trusted
+    assert "index.faiss" in capsys.readouterr().err
+    assert sbir("index", "update", root, photos, "--rebuild", "--no-progress") == 2  # and no model to use
+    assert "give --model" in capsys.readouterr().err
+    report = update_cli(root, photos, "--rebuild", "--model", untrained_checkpoint)
+    assert report["counts"]["embedded"] == 3
+    assert read_current(root) != broken
+    Snapshot.open(root, verify=True).close()
