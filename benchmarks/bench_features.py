@@ -32,18 +32,33 @@ def main() -> None:
     args = ap.parse_args()
     records = read_manifest(args.dataset)
     rng = np.random.default_rng(0)
-    sample = [records[i] for i in sorted(rng.choice(len(records), min(args.images, len(records)), replace=False))]
+    sample = [
+        records[i] for i in sorted(rng.choice(len(records), min(args.images, len(records)), replace=False))
+    ]
     backbone = create_backbone(args.backbone)
-    print(f"backbone {args.backbone}, {len(sample)} images (sketches: original + 1 augmented render), "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"backbone {args.backbone}, {len(sample)} images (sketches: original + 1 augmented render), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
-            fs = extract_features(args.dataset, sample, backbone, Path(tmp), sketch_views=1, edge_artists=(),
-                                  batch_size=args.batch_size, workers=workers, progress=False)
+            fs = extract_features(
+                args.dataset,
+                sample,
+                backbone,
+                Path(tmp),
+                sketch_views=1,
+                edge_artists=(),
+                batch_size=args.batch_size,
+                workers=workers,
+                progress=False,
+            )
         sp = fs.meta["speed"]
         print(json.dumps(sp))
-        print(f"workers={workers}: pipeline {sp['images_per_s']} img/s, bare forward "
-              f"{sp['bare_forward_images_per_s']} img/s, ratio {sp['ratio_to_bare_forward']}")
+        print(
+            f"workers={workers}: pipeline {sp['images_per_s']} img/s, bare forward "
+            f"{sp['bare_forward_images_per_s']} img/s, ratio {sp['ratio_to_bare_forward']}"
+        )
 
 
 if __name__ == "__main__":

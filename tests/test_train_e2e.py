@@ -41,8 +41,8 @@ def synthetic(n_classes=24, d=64, seed=0):
 def trained(tmp_path_factory):
     fs, records, split = synthetic()
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=1500, iiae_eval_every=150,
-                      peer_max_steps=600, adapter_dim=32, latent_dim=16)
+    cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=600, iiae_eval_every=100,
+                      peer_max_steps=300, adapter_dim=32, latent_dim=16)
     summary = train_all(fs, records, split, cfg, out)
     return fs, records, split, out, summary
 
@@ -71,7 +71,7 @@ def test_unseen_class_retrieval_beats_raw_features_and_chance(trained, tmp_path)
 
 def test_training_is_deterministic_under_a_seed(trained, tmp_path):
     fs, records, split, out, summary = trained
-    cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=1500, iiae_eval_every=150,
+    cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=600, iiae_eval_every=100,
                       peer=False, adapter_dim=32, latent_dim=16)
     again = train_all(fs, records, split, cfg, tmp_path)
     assert again["model_sha256"] != ""
