@@ -107,9 +107,12 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=fi.RECALL_TARGET)
     p.add_argument("--kinds", default="auto,flat,ivf-flat,ivf-sq8,ivf-pq,hnsw")
     p.add_argument("--single-seconds", type=float, default=20.0, help="time cap of the single-query loop")
+    p.add_argument("--threads", type=int, default=None, help="faiss threads for building and batched search")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        fi.faiss.omp_set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     xb = synthetic(args.n, args.dim, args.data, args.clusters, args.noise, seed=0)

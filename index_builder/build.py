@@ -278,7 +278,30 @@ def _job(
             "device": str(model.device),
             "threads": _threads(),
             "photos_per_s": round(stats.photos_per_second, 2),
+            "forward_photos_per_s": round(stats.forward_photos_per_second, 2),
+            "forward_s": round(stats.forward_seconds, 3),
         }
+        # a file that changed after hashing was embedded under its new hash; a photo that shared its
+        # old content (a copy) was not embedded at all: a second pass picks such photos up
+        if stats.changed_while_running:
+            again = _unresolved(collection, hashes, stats, cache, reuse)
+            LOG.info(
+                "%d file(s) changed while embedding; embedding %d photo(s) again",
+                len(stats.changed_while_running),
+                len(again),
+            )
+            stats.merge(
+                embed_into_cache(
+                    model,
+                    again,
+                    collection.root,
+                    cache,
+                    batch_size=batch,
+                    workers=0,
+                    chunk_size=opt.chunk_size,
+                    progress=False,
+                )
+            )
     timings["embed_s"] = time.perf_counter() - t
 
     ids, vectors, rows, skipped, sources = _assemble(
@@ -451,7 +474,7 @@ def _assemble(
         seen_sha = hashes.get(rec.id)
         if seen_sha is None:
             continue  # already in `unreadable`
-        sha = stats.changed_while_running.get(seen_sha, seen_sha)
+        sha = stats.changed_while_running.get(str(rec.path), seen_sha)
         if sha in cache.row:
             vec = cache_vectors[cache.row[sha]]
             sources["checkpoint" if sha in before else "embedded"] += 1
@@ -462,17 +485,30 @@ def _assemble(
             reason, detail = cache.failures[sha]
             skipped.append(Skipped(rec.key, str(rec.path), reason, detail))
             continue
-        elif seen_sha in stats.transient:
-            reason, detail = stats.transient[seen_sha]
+        elif str(rec.path) in stats.transient:
+            reason, detail = stats.transient[str(rec.path)]
             skipped.append(Skipped(rec.key, str(rec.path), reason, detail))
             continue
-        else:
-            raise AssertionError(f"no embedding and no failure recorded for {rec.path}")
+        else:  # it kept changing while the job ran
+            skipped.append(Skipped(rec.key, str(rec.path), "changed-during-build", "run update again"))
+            continue
         ids.append(rec.id)
         parts.append(vec)
         rows.append((rec.id, rec.key, str(rec.path), sha, json.dumps(rec.metadata, sort_keys=True)))
     vectors = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
     return np.asarray(ids, np.int64), vectors, rows, skipped, sources
+
+
+def _unresolved(collection: Collection, hashes, stats: EmbedStats, cache: EmbeddingCache, reuse: _Reuse):
+    """Photos whose content (as hashed, or as read while embedding) has neither a vector nor a failure."""
+    out = []
+    for rec in collection.records:
+        path = str(rec.path)
+        sha = stats.changed_while_running.get(path, hashes.get(rec.id))
+        if sha is None or sha in cache or sha in reuse.row_of_sha or path in stats.transient:
+            continue
+        out.append(DecodeItem(sha, path))
+    return out
 
 
 def _diff_counts(prev_rows: dict, rows: list) -> dict:

@@ -27,6 +27,7 @@ def parse_size(text: str) -> int:
 
 
 def add_commands(subparsers) -> None:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
     index = subparsers.add_parser("index", help="build, update and check FAISS index snapshots of photos")
     sub = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
     index.set_defaults(func=lambda args: (index.print_help(), 2)[1])

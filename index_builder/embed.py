@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import time
 import uuid
@@ -222,12 +223,26 @@ class EmbedStats:
     embedded: int = 0
     failed: int = 0
     seconds: float = 0.0
-    changed_while_running: dict[str, str] = field(default_factory=dict)  # hash seen -> hash read
-    transient: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash seen -> (reason, detail)
+    forward_seconds: float = 0.0  # inside model.encode_pixels: the encoder's own share of `seconds`
+    changed_while_running: dict[str, str] = field(default_factory=dict)  # path -> hash of the bytes read
+    transient: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (reason, detail)
+
+    def merge(self, other: EmbedStats) -> None:
+        self.embedded += other.embedded
+        self.failed += other.failed
+        self.seconds += other.seconds
+        self.forward_seconds += other.forward_seconds
+        self.changed_while_running.update(other.changed_while_running)
+        self.transient.update(other.transient)
 
     @property
     def photos_per_second(self) -> float:
         return (self.embedded + self.failed) / self.seconds if self.seconds else 0.0
+
+    @property
+    def forward_photos_per_second(self) -> float:
+        """The encoder's rate on the same batches in the same run, as if decoding cost nothing."""
+        return self.embedded / self.forward_seconds if self.forward_seconds else 0.0
 
 
 def embed_into_cache(
@@ -256,7 +271,7 @@ def embed_into_cache(
     loader_args: dict = {}
     if workers > 0:
         # fork: workers inherit the model's preprocess without pickling the model
-        ctx = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else None
+        ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         loader_args = {"prefetch_factor": 4, "multiprocessing_context": ctx, "persistent_workers": False}
     loader = DataLoader(
         dataset,
@@ -281,10 +296,12 @@ def embed_into_cache(
     with torch.inference_mode():
         for batch in loader:
             for i, digest in zip(batch["index"], batch["sha256"], strict=True):
-                if digest != todo[i].sha256:
-                    stats.changed_while_running[todo[i].sha256] = digest
+                if digest != todo[i].sha256:  # the file changed after it was hashed
+                    stats.changed_while_running[todo[i].path] = digest
             if batch["pixels"] is not None:
-                vecs = model.encode_pixels(batch["pixels"], "photo")
+                tf = time.perf_counter()
+                vecs = model.encode_pixels(batch["pixels"], "photo")  # returns on the CPU: synchronised
+                stats.forward_seconds += time.perf_counter() - tf
                 assert vecs.shape == (len(batch["index"]), cache.dim), f"encoder returned {vecs.shape}"
                 buf_vec.append(vecs)
                 buf_sha.extend(batch["sha256"])
@@ -292,10 +309,10 @@ def embed_into_cache(
             for i, digest, reason, detail in batch["failed"]:
                 stats.failed += 1
                 if reason not in CONTENT_FAILURES:
-                    stats.transient[todo[i].sha256] = (reason, detail)
+                    stats.transient[todo[i].path] = (reason, detail)
                     continue
                 if digest != todo[i].sha256:
-                    stats.changed_while_running[todo[i].sha256] = digest
+                    stats.changed_while_running[todo[i].path] = digest
                 buf_fail.append((digest, reason, detail))
             bar.update(len(batch["index"]) + len(batch["failed"]))
             if len(buf_sha) + len(buf_fail) >= chunk_size:
@@ -314,5 +331,5 @@ def embed_into_cache(
 
 
 def default_workers() -> int:
-    """Decode processes: one per four cores, at least one (decoding is ~1/6 of the encoder's work on CPU)."""
+    """Decode processes: one per four cores, at least one (docs/BENCHMARKS.md: one is enough on 2 cores)."""
     return max(1, (os.cpu_count() or 2) // 4)

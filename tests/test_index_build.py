@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_index_support import build_cli, make_bad_files, make_photos, photo, sbir
@@ -176,3 +177,40 @@ def test_one_job_at_a_time_per_root(tmp_path, untrained_checkpoint, capsys):
     assert (
         sbir("index", "build", photos, "--model", untrained_checkpoint, "--out", root, "--no-progress") == 0
     )
+
+
+def test_a_file_changed_after_hashing_is_indexed_with_what_was_read(
+    tmp_path, untrained_checkpoint, monkeypatch
+):
+    """Two copies of one photo; one is overwritten between the hash pass and decoding. The changed one is
+    embedded under its new hash, the untouched copy (whose content was never decoded) in a second pass."""
+    import hashlib
+
+    import index_builder.build as build_module
+    from index_builder.build import BuildOptions, build
+
+    photos = tmp_path / "photos"
+    make_photos(photos, range(3))
+    photo(40).save(photos / "copy_a.png")
+    (photos / "copy_b.png").write_bytes((photos / "copy_a.png").read_bytes())
+    real_hash = build_module.hash_photos
+
+    def hash_then_change(records, root, **kw):
+        out = real_hash(records, root, **kw)
+        first = min((r for r in records if r.key.startswith("copy_")), key=lambda r: r.id)
+        photo(41).save(first.path)  # after hashing, before decoding
+        return out
+
+    monkeypatch.setattr(build_module, "hash_photos", hash_then_change)
+    root = tmp_path / "index"
+    result = build(photos, root, untrained_checkpoint, BuildOptions(workers=0, progress=False))
+    assert result.report["counts"]["indexed"] == 5 and result.report["counts"]["embedded"] == 5
+    with Snapshot.open(root, verify=True) as snap:
+        ids = [int(i) for i in np.load(snap.path / "ids.npy")]
+        recs = {r["path"]: r for r in snap.lookup(ids)}
+        for name in ("copy_a.png", "copy_b.png"):
+            path = photos / name
+            assert recs[str(path.resolve())]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        vec = dict(zip(ids, np.load(snap.path / "vectors.npy"), strict=True))
+        a, b = (recs[str((photos / n).resolve())]["id"] for n in ("copy_a.png", "copy_b.png"))
+        assert np.abs(vec[a] - vec[b]).max() > 1e-3  # different content, different vectors
