@@ -135,3 +135,16 @@ def test_recall_counts_ties_as_hits():
     assert fi.recall_at_k(np.array([[1]]), q, x, ids, exact_scores, 1) == 1.0
     assert fi.recall_at_k(np.array([[0]]), q, x, ids, exact_scores, 1) == 1.0
     assert fi.recall_at_k(np.array([[5]]), q, x, ids, exact_scores, 1) == 0.0
+
+
+def test_an_unreachable_target_settles_on_the_cheapest_value_near_the_plateau():
+    x = clustered(4000, 32, clusters=40, noise=0.4, seed=16)
+    ids = np.arange(4000, dtype=np.int64)
+    index = fi.build_index(x, ids, "IVF16,PQ4")  # 4-byte codes: recall plateaus far below 0.99
+    check = fi.tune_and_measure(index, x, ids, target=0.99, sample=200)
+    recalls = [step["recall"] for step in check.tuning]
+    assert len(check.tuning) == len(fi.tunable_parameter(index)[1])  # the whole ladder was tried
+    assert max(recalls) < 0.99
+    chosen = check.params["nprobe"]
+    assert chosen < 16 and fi.faiss.extract_index_ivf(index).nprobe == chosen
+    assert next(s["recall"] for s in check.tuning if s["nprobe"] == chosen) >= max(recalls) - 0.01
