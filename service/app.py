@@ -45,6 +45,7 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,
         on_batch=metrics.observe_batch,
+        on_start=lambda: configure_threads(settings),
     )
     metrics.track_queue(batcher.depth)
     service = Service(
@@ -87,6 +88,18 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     app.include_router(admin.router)
     _add_error_handlers(app)
     return app
+
+
+def configure_threads(settings: Settings) -> None:
+    """On the batcher's thread, where the encoder and FAISS run: OpenMP thread counts are per thread."""
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if settings.faiss_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(settings.faiss_threads)
 
 
 def _json_error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:

@@ -79,6 +79,7 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_start: Callable[[], None] | None = None,
         name: str = "sbir-batcher",
     ):
         assert max_batch >= 1 and max_wait_s >= 0 and max_queue >= 1, "batch limits must be positive"
@@ -87,8 +88,11 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._on_batch = on_batch
+        self._on_start = on_start
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._stopped = False
+        self._stop_reason = "the service is shutting down"
+        self._lifecycle = threading.Lock()
         self._incoming = 0  # written on the event loop only; the worker just reads it
 
     @contextlib.contextmanager
@@ -110,33 +114,58 @@ class MicroBatcher:
     def enqueue(self, key: Hashable, payload: Any) -> asyncio.Future:
         """Queue one payload (on the event loop); await the future for (result, BatchInfo).
 
-        Raises QueueFull at once when `max_queue` items are already waiting.
+        Raises QueueFull at once when `max_queue` items are already waiting, BatcherStopped when the
+        batcher was stopped or its worker died.
         """
-        if self._stopped:
-            raise BatcherStopped("the service is shutting down")
         loop = asyncio.get_running_loop()
         item = _Item(key, payload, loop.create_future(), loop)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise QueueFull(f"{self._queue.maxsize} requests are already waiting for the encoder") from None
+        with self._lifecycle:  # never queue behind a worker that has exited: the item would wait forever
+            if self._stopped:
+                raise BatcherStopped(self._stop_reason)
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                raise QueueFull(
+                    f"{self._queue.maxsize} requests are already waiting for the encoder"
+                ) from None
         return item.future
 
     async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
         """Queue one payload and wait for its result."""
         return await self.enqueue(key, payload)
 
+    @property
+    def alive(self) -> bool:
+        """The worker is running and accepting items."""
+        return self._thread.is_alive() and not self._stopped
+
     def stop(self, timeout: float = 10.0) -> None:
         """Let queued items finish, then end the worker thread."""
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._lifecycle:
+            if self._stopped:
+                return
+            self._stopped = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
 
     # --- worker thread ----------------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            if self._on_start is not None:
+                self._on_start()  # e.g. per-thread settings of the libraries run_batch uses
+            self._serve()
+        except BaseException:
+            LOG.critical(
+                "the batcher's worker died; /search answers 503 until the service restarts", exc_info=True
+            )
+            with self._lifecycle:
+                self._stopped = True
+                self._stop_reason = "the encoder worker stopped (see the server log)"
+        finally:
+            self._fail_leftovers()
+
+    def _serve(self) -> None:
         carried: _Item | None = None
         while True:
             first = carried if carried is not None else self._queue.get()
@@ -149,7 +178,6 @@ class MicroBatcher:
                 break
         if carried is not None and carried is not _STOP:
             self._run([carried])
-        self._fail_leftovers()
 
     def _gather(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
         """`first` plus what arrives before its deadline, same key only; returns (batch, carried, stop)."""
@@ -200,4 +228,4 @@ class MicroBatcher:
             except queue.Empty:
                 return
             if item is not _STOP:
-                _post(item, None, BatcherStopped("the service is shutting down"))
+                _post(item, None, BatcherStopped(self._stop_reason))

@@ -22,6 +22,8 @@ _FLAGS = (
     ("--max-wait-ms", float, "longest a sketch waits for others to batch with (default 4)"),
     ("--max-queue", int, "searches in progress before 503s (default 256)"),
     ("--decode-threads", int, "threads decoding uploads (default 2)"),
+    ("--torch-threads", int, "encoder threads on the CPU (default: all cores)"),
+    ("--faiss-threads", int, "FAISS search threads (default: all cores)"),
     ("--reload-interval", float, "seconds between polls of ROOT/CURRENT, 0 to never poll (default 2)"),
     ("--max-thumbnail", int, "largest /photos thumbnail side (default 1024)"),
     (

@@ -40,6 +40,15 @@ class Settings(BaseSettings):
         description="searches in progress (reading, decoding, queued, encoding) before 503s are returned",
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads that parse and decode uploads")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="intra-op threads of the encoder on the CPU (default: torch's, all cores)",
+    )
+    faiss_threads: int | None = Field(
+        None, ge=1, le=256, description="OpenMP threads of the FAISS search (default: faiss's, all cores)"
+    )
     reload_interval_s: float = Field(
         2.0, ge=0, description="how often ROOT/CURRENT is polled for a new snapshot (0: never)"
     )

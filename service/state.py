@@ -246,6 +246,7 @@ class ServingState:
             LOG.warning("starting without a snapshot; /readyz stays 503 until one loads")
         if self.reload_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="sbir-snapshot-watcher")
+            self._watcher.add_done_callback(self._watcher_ended)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -260,13 +261,17 @@ class ServingState:
             pair.retire()
 
     async def _watch(self) -> None:
+        unreadable = ""
         while True:
             await asyncio.sleep(self.reload_interval_s)
             try:
                 target = await asyncio.to_thread(self.snapshots.read_current, self.root)
-            except OSError as exc:
-                LOG.warning("cannot read %s/CURRENT: %s", self.root, exc)
+            except (OSError, UserError) as exc:
+                if str(exc) != unreadable:  # once per distinct problem, not every poll
+                    LOG.warning("cannot read %s/CURRENT: %s", self.root, exc)
+                unreadable = str(exc)
                 continue
+            unreadable = ""
             serving = self.current.id if self.current else None
             if target is None or target == serving or target == self._failed_id:
                 continue  # a refused snapshot is not retried every poll; POST /admin/reload retries it
@@ -274,6 +279,13 @@ class ServingState:
                 await self.reload(reason="CURRENT changed")
             except ReloadError:
                 pass  # recorded in last_reload_error and logged
+
+    @staticmethod
+    def _watcher_ended(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            LOG.error(
+                "the snapshot watcher stopped: new snapshots will not be picked up", exc_info=task.exception()
+            )
 
     async def reload(self, reason: str = "admin") -> ReloadResult:
         """Load what CURRENT names, if it is not already serving, and swap it in."""

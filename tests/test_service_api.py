@@ -53,6 +53,8 @@ def served(untrained_checkpoint, tmp_path_factory):
         max_k=50,
         max_wait_ms=30,
         reload_interval_s=0,
+        torch_threads=2,
+        faiss_threads=1,
     )
     with TestClient(create_app(settings)) as client:
         yield client, snapshot_id, root

@@ -191,3 +191,39 @@ def test_submit_after_stop_is_refused():
 
     with pytest.raises(BatcherStopped):
         run(main())
+
+
+def test_on_start_runs_on_the_worker_thread_before_any_batch():
+    seen: list[str] = []
+    rec = Recorder()
+    b = MicroBatcher(
+        rec,
+        max_batch=2,
+        max_wait_s=0.0,
+        max_queue=4,
+        on_start=lambda: seen.append(threading.current_thread().name),
+    )
+    b.start()
+
+    async def main():
+        return await announced(b, "k", 1)
+
+    run(main())
+    b.stop()
+    assert seen == ["sbir-batcher"] and rec.threads == {"sbir-batcher"}
+
+
+def test_a_dead_worker_fails_requests_instead_of_leaving_them_waiting():
+    def broken_setup():
+        raise RuntimeError("bad thread setting")
+
+    b = MicroBatcher(Recorder(), max_batch=2, max_wait_s=0.0, max_queue=4, on_start=broken_setup)
+    b.start()
+    b._thread.join(5)
+    assert not b.alive
+
+    async def main():
+        return await asyncio.wait_for(b.submit("k", 1), timeout=5)
+
+    with pytest.raises(BatcherStopped, match="worker stopped"):
+        run(main())

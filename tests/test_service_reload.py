@@ -118,6 +118,10 @@ def test_starting_on_a_root_without_snapshot_waits_for_one(untrained_checkpoint,
         r = client.get("/readyz")
         assert r.status_code == 503 and "CURRENT" in r.json()["error"]["message"]
         assert client.post("/search", json=STROKES).status_code == 503
+        (root / "CURRENT").write_text("../../etc/passwd\n")  # garbage: the watcher must survive it
+        time.sleep(0.4)
+        assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
+        (root / "CURRENT").unlink()
         first = build_snapshot(make_photos(tmp_path / "photos", 3, seed=7), untrained_checkpoint, root)
         wait_for(lambda: client.get("/readyz").status_code == 200)
         assert client.post("/search", json=STROKES).json()["snapshot"] == first

@@ -29,6 +29,10 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     pair = service.state.current
     if pair is None:
         return JSONResponse(error_body("not-ready", service.state.not_ready_reason()), status_code=503)
+    if not service.batcher.alive:
+        return JSONResponse(
+            error_body("encoder-stopped", "the encoder worker is not running"), status_code=503
+        )
     return JSONResponse({"status": "ready", "snapshot": pair.id})
 
 
@@ -59,6 +63,7 @@ async def info(service: ServiceDep) -> dict[str, Any]:
         "last_reload": state.last_reload,
         "last_reload_error": state.last_reload_error,
         "queue_depth": service.batcher.depth(),
+        "encoder_running": service.batcher.alive,
         "limits": {
             "max_k": s.max_k,
             "default_k": s.default_k,
