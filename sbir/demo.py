@@ -73,10 +73,8 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
 
 
 def _gallery_manifest(data: Path, records, path: Path) -> Path:
-    """The colour emoji as a photo manifest (path + metadata) for the index builder."""
+    """The colour emoji as a photo manifest (paths relative to the dataset + metadata) for the index builder."""
     import csv
-
-    from model.data.dataset import resolve_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -86,7 +84,7 @@ def _gallery_manifest(data: Path, records, path: Path) -> Path:
         for r in records:
             if r.domain != "photo":
                 continue
-            w.writerow([str(resolve_path(data, r).resolve()), r.meta.get("emoji", ""), r.meta.get("annotation", ""),
+            w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
                         r.category, r.meta.get("group", ""), r.artist])
     tmp.replace(path)
     return path
@@ -139,7 +137,7 @@ def cmd_demo(args) -> int:
 
         seeded = seed_cache_from_features(index_root, model_dir, data, records, feat_dir)
         print(f"      {seeded} photo embeddings taken from the feature cache")
-        result = build(manifest, index_root, model_dir, BuildOptions(device=args.device))
+        result = build(manifest, index_root, model_dir, BuildOptions(device=args.device, photo_root=data))
         print(f"      published snapshot {result.snapshot_id}")
     print(f"      ready after {time.perf_counter() - t0:.0f} s")
     if args.no_serve:
