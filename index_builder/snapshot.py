@@ -96,6 +96,21 @@ def _read_manifest(path: Path) -> dict:
     for key in ("id", "dim", "count", "model", "index", "files"):
         if key not in manifest:
             raise SnapshotError(f"{mpath} lacks {key!r}")
+    shape_ok = (
+        isinstance(manifest["id"], str)
+        and isinstance(manifest["dim"], int)
+        and manifest["dim"] > 0
+        and isinstance(manifest["count"], int)
+        and manifest["count"] >= 0
+        and isinstance(manifest["model"], dict)
+        and isinstance(manifest["model"].get("sha256"), str)
+        and isinstance(manifest["index"], dict)
+        and isinstance(manifest["index"].get("factory"), str)
+        and isinstance(manifest["index"].get("search_params", {}), dict)
+        and isinstance(manifest["files"], dict)
+    )
+    if not shape_ok:
+        raise SnapshotError(f"{mpath}: fields of the wrong type")
     return manifest
 
 
@@ -158,6 +173,24 @@ class Snapshot:
             if snapshot_id is None:
                 raise SnapshotError(f"{root} has no published snapshot (no {CURRENT} file)")
         _check_id(snapshot_id, str(root))
+        try:
+            return cls._open(root, snapshot_id, verify)
+        except SnapshotError:
+            raise
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RuntimeError,
+            AssertionError,
+            sqlite3.Error,
+        ) as exc:  # a manifest or file of an unexpected shape: still "broken"
+            raise SnapshotError(f"snapshot {snapshot_id} is broken: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _open(cls, root: Path, snapshot_id: str, verify: bool) -> Snapshot:
         path = snapshots_dir(root) / snapshot_id
         if not path.is_dir():
             raise SnapshotError(f"snapshot {snapshot_id} does not exist under {root}")
@@ -178,7 +211,7 @@ class Snapshot:
         if verify:
             try:
                 snap._check_consistency()
-            except SnapshotError:
+            except BaseException:
                 snap.close()
                 raise
         LOG.info(

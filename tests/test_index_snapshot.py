@@ -270,3 +270,25 @@ def test_cli_verify_and_info(tmp_path, ckpt, capsys):
     assert f"snapshot {sid}" in capsys.readouterr().out
     assert sbir_main(["-q", "index", "info", str(root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 40
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"model": "not a dict"},
+        {"dim": "sixteen"},
+        {"count": None},
+        {"index": {"factory": "Flat", "search_params": {"nprobe": 4}}},  # a parameter Flat does not have
+        {"files": []},
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_snapshot_error(tmp_path, ckpt, damage):
+    root = tmp_path / "index"
+    sid, _, _ = write_snapshot(root, ckpt)
+    mpath = snapshots_dir(root) / sid / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest.update(damage)
+    mpath.write_text(json.dumps(manifest))
+    for verify in (False, True):
+        with pytest.raises(SnapshotError):
+            Snapshot.open(root, verify=verify).close()
