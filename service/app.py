@@ -138,7 +138,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BatcherStopped)
     async def stopping(request: Request, exc: BatcherStopped) -> JSONResponse:
-        return _json_error(503, "shutting-down", str(exc), {"Retry-After": RETRY_AFTER_S})
+        return _json_error(503, "encoder-stopped", str(exc), {"Retry-After": RETRY_AFTER_S})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -82,6 +82,15 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    # OpenMP threads that spin while waiting starve the other library's threads (torch and faiss
+    # each bring an OpenMP runtime) and collapse on a busy host: measured in docs/BENCHMARKS.md.
+    # Only effective before torch and faiss are loaded, which is the case here; a value the user
+    # set wins.
+    if "torch" not in sys.modules and "faiss" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from service.server import run
 
     run(settings_from_args(args))

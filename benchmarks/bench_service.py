@@ -1,0 +1,528 @@
+"""Benchmark of the search service: latency, throughput against the bare encoder, memory over a soak.
+
+Starts a real `sbir serve` process on 127.0.0.1 and drives it with an async httpx load generator
+(multipart uploads of a 256x256 PNG sketch). Every loop is bounded in count and in time.
+
+    # a synthetic snapshot: N random unit vectors with synthetic metadata, the untrained model
+    python benchmarks/bench_service.py make-index --out /tmp/bench100k --photos 100000
+    # single-client latency, 16-client throughput vs the encoder's bare batched forward
+    python benchmarks/bench_service.py run --root /tmp/bench100k --json out.json
+    # resident memory under load (1M vectors)
+    python benchmarks/bench_service.py make-index --out /tmp/bench1m --photos 1000000
+    python benchmarks/bench_service.py soak --root /tmp/bench1m --seconds 600
+
+Latency does not depend on training, so the untrained checkpoint stands in for a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HOST = "127.0.0.1"
+STAGES = ("read", "decode", "queue", "encode", "search", "metadata", "total")
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+def sketch_png() -> bytes:
+    """A 256x256 PNG pen drawing (the service's own stroke renderer, so it looks like a sketch)."""
+    from service.strokes import render_strokes
+
+    strokes = [
+        [[30, 128, 226, 30], [220, 30, 220, 220]],
+        [[80, 176], [150, 150]],
+        [[128, 128], [30, 245]],
+    ]
+    out = io.BytesIO()
+    render_strokes(strokes, canvas=256).save(out, "PNG")
+    return out.getvalue()
+
+
+def untrained_checkpoint(path: Path) -> Path:
+    """EfficientNet-Lite2 with seeded random heads: the same cost as a trained model."""
+    import torch
+
+    from model.adapter import AdapterConfig, FeatureAdapter
+    from model.backbones import create_backbone
+    from model.iiae import IIAE, IIAEConfig
+    from model.pipeline import SBIRModel
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_lite2")
+    model = SBIRModel(
+        backbone,
+        FeatureAdapter(AdapterConfig(input_dim=backbone.dim)),
+        IIAE(IIAEConfig()),
+        {"training": {"note": "untrained benchmark model"}},
+    )
+    model.save(path)
+    return path
+
+
+def synthetic_vectors(n: int, dim: int, seed: int, clusters: int = 2000) -> np.ndarray:
+    """Unit vectors around `clusters` random centres: clustered like real embeddings, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):  # bounded memory for the temporaries
+        m = min(100_000, n - start)
+        block = centres[rng.integers(0, clusters, m)] + 1.0 * rng.standard_normal((m, dim)).astype(
+            np.float32
+        ) / np.sqrt(dim)
+        out[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def make_index(out: Path, photos: int, model_dir: Path | None, seed: int) -> None:
+    """A published snapshot of `photos` synthetic vectors, written with index_builder's own writer.
+
+    Every record points at one of a few real small JPEGs (so /photos works) and carries synthetic
+    metadata of about the size a real collection's has. The index is what the builder would choose
+    for that many vectors (exact up to 100k, IVF beyond), tuned to its recall target.
+    """
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from index_builder import faiss_index
+    from index_builder.fsutil import sha256_file
+    from index_builder.snapshot import SnapshotWriter
+    from model.pipeline import SBIRModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir or untrained_checkpoint(out / "untrained-model")
+    model = SBIRModel.load(model_dir, device="cpu", with_backbone=False)
+    files = []
+    for i in range(16):
+        f = out / "photos" / f"p{i:02d}.jpg"
+        f.parent.mkdir(exist_ok=True)
+        img = Image.new("RGB", (320, 240), (i * 15, 90, 200 - i * 10))
+        ImageDraw.Draw(img).ellipse((40 + i * 5, 30, 200, 200), fill=(250, 220, 40))
+        img.save(f, quality=85)
+        files.append((str(f.resolve()), sha256_file(f)))
+    t0 = time.perf_counter()
+    vectors = synthetic_vectors(photos, model.dim, seed)
+    ids = np.arange(photos, dtype=np.int64)
+    plan = faiss_index.choose_factory(photos, model.dim)
+    index = faiss_index.build_index(vectors, ids, plan.factory)
+    recall = faiss_index.tune_and_measure(index, vectors, ids)
+    rows = [
+        (
+            int(i),
+            f"synthetic/{i:08d}.jpg",
+            files[i % len(files)][0],
+            files[i % len(files)][1],
+            json.dumps(
+                {
+                    "title": f"synthetic photo {i}",
+                    "tags": ["bench", f"cluster{i % 97}"],
+                    "width": 320,
+                    "height": 240,
+                }
+            ),
+        )
+        for i in range(photos)
+    ]
+    writer = SnapshotWriter(out)
+    snapshot_id = writer.write(
+        index=index,
+        ids=ids,
+        vectors=vectors,
+        photo_rows=rows,
+        model_dir=Path(model_dir),
+        manifest={
+            "dim": model.dim,
+            "count": photos,
+            "model": {"sha256": model.sha256},
+            "index": {"factory": plan.factory, "search_params": recall.params, "recall": recall.to_dict()},
+            "synthetic": {"seed": seed, "note": "benchmarks/bench_service.py make-index"},
+        },
+        report={"synthetic": True},
+    )
+    writer.publish(snapshot_id)
+    print(
+        f"published {snapshot_id}: {photos} synthetic vectors, {plan.factory} {recall.params or 'exact'}, "
+        f"recall@{recall.k} {recall.recall:.3f}, {time.perf_counter() - t0:.1f} s"
+    )
+
+
+# --- the server ------------------------------------------------------------------------------------
+class Server:
+    """`sbir serve ROOT` as a child process on a free port; stopped with SIGTERM."""
+
+    def __init__(self, root: Path, extra: list[str], startup_timeout: float = 600):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SBIR_")}
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "sbir",
+            "-q",
+            "serve",
+            str(root),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *extra,
+        ]
+        cmd += ["--log-level", "warning"]  # no access log: it would cost the server time per request
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = f"http://{HOST}:{port}"
+        self._wait_ready(startup_timeout)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        log = [self.lines.get_nowait() for _ in range(self.lines.qsize())]
+        raise RuntimeError("sbir serve did not become ready:\n" + "".join(log[-40:]))
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.proc.pid, "VmRSS") / 1024
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        return _status_kb(self.proc.pid, "VmHWM") / 1024
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _status_kb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/{pid}/status")
+
+
+# --- the load generator ----------------------------------------------------------------------------
+async def drive(
+    url: str, png: bytes, clients: int, max_requests: int, max_seconds: float, k: int = 24
+) -> dict:
+    """`clients` concurrent loops of POST /search; stops at max_requests in all or max_seconds."""
+    import httpx
+
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    batch_sizes: list[int] = []
+    failures: list[str] = []
+    sent = 0
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def loop() -> None:
+            nonlocal sent
+            while sent < max_requests and time.perf_counter() < deadline:
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        "/search", params={"k": k}, files={"file": ("s.png", png, "image/png")}
+                    )
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                dt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                body = r.json()
+                latencies.append(dt)
+                batch_sizes.append(body["batch_size"])
+                for s in STAGES:
+                    stages[s].append(body["timings_ms"][s])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "failures": len(failures),
+        "failure_examples": failures[:3],
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(len(latencies) / elapsed, 2) if elapsed else 0.0,
+        "latency_ms": _percentiles([x * 1000 for x in latencies]),
+        "server_stage_ms_p50": {s: round(statistics.median(v), 2) for s, v in stages.items() if v},
+        "server_stage_ms_p99": {s: round(float(np.percentile(v, 99)), 2) for s, v in stages.items() if v},
+        "server_stage_ms_max": {s: round(max(v), 2) for s, v in stages.items() if v},
+        "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else 0,
+    }
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p90": round(float(np.percentile(a, 90)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+        "max": round(float(a.max()), 2),
+        "mean": round(float(a.mean()), 2),
+    }
+
+
+# --- the bare encoder ------------------------------------------------------------------------------
+class BareEncoder:
+    """model.encode_pixels on a ready batch: no HTTP, no decoding, no search. Loaded once.
+
+    It runs on a worker thread with the server's torch thread count, as the server's batcher does.
+    """
+
+    def __init__(self, model_dir: Path, png: bytes, batch: int, torch_threads: int | None):
+        import torch
+
+        from model.images import load_image
+        from model.pipeline import SBIRModel
+
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        self.model = SBIRModel.load(model_dir, device="cpu")
+        self.pixels = torch.stack([self.model.preprocess(load_image(png))] * batch)
+        self.measure(0.0)  # warm-up
+
+    def measure(self, seconds: float, max_batches: int = 10_000) -> dict:
+        """Images/s, and CPU seconds per image (this process, all threads)."""
+        out: dict = {}
+
+        def work() -> None:
+            done, start, cpu0 = 0, time.perf_counter(), time.process_time()
+            for _ in range(max_batches):
+                self.model.encode_pixels(self.pixels, "sketch")
+                done += len(self.pixels)
+                if time.perf_counter() - start >= seconds:
+                    break
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            out.update(images_per_s=round(done / wall, 3), cpu_s_per_image=round(cpu / done, 4), images=done)
+
+        worker = threading.Thread(target=work, name="bare-encoder")
+        worker.start()
+        worker.join()
+        return out
+
+
+def snapshot_model_dir(root: Path) -> Path:
+    from index_builder.snapshot import Snapshot
+
+    snap = Snapshot.open(root)
+    try:
+        return Path(snap.model_dir)
+    finally:
+        snap.close()
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --- commands --------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> dict:
+    """Single-client latency, then rounds of (bare encoder, 16-client service) and a last bare one.
+
+    Alternating short windows keeps both sides under the same background load on a shared machine;
+    the server's CPU time per answered request is also compared with the bare CPU time per image,
+    which does not depend on how much CPU the machine lends.
+    """
+    png = sketch_png()
+    report: dict = {"machine": machine(), "root": str(args.root), "sketch_png_bytes": len(png)}
+    bare = BareEncoder(snapshot_model_dir(args.root), png, args.max_batch, args.torch_threads)
+    flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    if args.torch_threads is not None:
+        flags += ["--torch-threads", str(args.torch_threads)]
+    if args.faiss_threads is not None:
+        flags += ["--faiss-threads", str(args.faiss_threads)]
+    report["server_flags"] = flags
+    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
+    server = Server(args.root, flags)
+    try:
+        report["server_rss_mb_idle"] = round(server.rss_mb(), 1)
+        asyncio.run(drive(server.url, png, 1, args.warmup, 120))
+        report["single_client"] = asyncio.run(drive(server.url, png, 1, args.single, args.max_seconds))
+        bares, rounds = [bare.measure(args.bare_seconds)], []
+        for _ in range(args.rounds):
+            cpu0 = server.cpu_seconds()
+            r = asyncio.run(
+                drive(server.url, png, args.clients, args.concurrent_requests, args.round_seconds)
+            )
+            r["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, r["requests"]), 4)
+            rounds.append(r)
+            bares.append(bare.measure(args.bare_seconds))
+        report["bare_encoder"] = {"batch": args.max_batch, "windows": bares}
+        report["concurrent_rounds"] = rounds
+        bare_rate = statistics.mean(b["images_per_s"] for b in bares)
+        bare_cpu = statistics.mean(b["cpu_s_per_image"] for b in bares)
+        served = sum(r["requests"] for r in rounds)
+        seconds = sum(r["seconds"] for r in rounds)
+        service_cpu = statistics.mean(r["server_cpu_s_per_request"] for r in rounds)
+        report["summary"] = {
+            "service_rps": round(served / seconds, 3),
+            "bare_images_per_s": round(bare_rate, 3),
+            "throughput_ratio": round(served / seconds / bare_rate, 3),
+            "service_cpu_s_per_request": round(service_cpu, 4),
+            "bare_cpu_s_per_image": round(bare_cpu, 4),
+            "cpu_ratio": round(bare_cpu / service_cpu, 3),
+            "mean_batch_size": round(statistics.mean(r["mean_batch_size"] for r in rounds), 2),
+            "failures": sum(r["failures"] for r in rounds) + report["single_client"]["failures"],
+        }
+        report["server_rss_mb_after"] = round(server.rss_mb(), 1)
+        report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        report["server_exit_code"] = server.stop()
+    return report
+
+
+def cmd_soak(args: argparse.Namespace) -> dict:
+    png = sketch_png()
+    report: dict = {
+        "machine": machine(),
+        "root": str(args.root),
+        "seconds": args.seconds,
+        "clients": args.clients,
+    }
+    t0 = time.perf_counter()
+    flags = []
+    if args.torch_threads is not None:
+        flags += ["--torch-threads", str(args.torch_threads)]
+    if args.faiss_threads is not None:
+        flags += ["--faiss-threads", str(args.faiss_threads)]
+    report["server_flags"] = flags
+    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
+    server = Server(args.root, flags)
+    report["startup_s"] = round(time.perf_counter() - t0, 1)
+    samples: list[tuple[float, float]] = []
+    try:
+        report["rss_mb_idle"] = round(server.rss_mb(), 1)
+        stop = threading.Event()
+
+        def sample() -> None:
+            start = time.perf_counter()
+            while not stop.wait(args.sample_every):
+                samples.append((round(time.perf_counter() - start, 1), round(server.rss_mb(), 1)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        report["load"] = asyncio.run(drive(server.url, png, args.clients, 10**9, args.seconds))
+        stop.set()
+        sampler.join(5)
+        report["rss_mb_samples"] = samples
+        report["rss_mb_peak"] = round(server.peak_rss_mb(), 1)
+        if len(samples) >= 4:
+            # growth after the first quarter (allocator warm-up), as MB per minute
+            tail = samples[len(samples) // 4 :]
+            t = np.array([s[0] for s in tail])
+            m = np.array([s[1] for s in tail])
+            report["rss_mb_first_last"] = [samples[0][1], samples[-1][1]]
+            report["rss_growth_mb_per_min_after_warmup"] = round(float(np.polyfit(t, m, 1)[0] * 60), 3)
+    finally:
+        report["server_exit_code"] = server.stop()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make-index", help="a synthetic snapshot of random unit vectors")
+    mk.add_argument("--out", type=Path, required=True)
+    mk.add_argument("--photos", type=int, default=100_000)
+    mk.add_argument("--model", type=Path, default=None, help="checkpoint (default: an untrained one)")
+    mk.add_argument("--seed", type=int, default=0)
+    run = sub.add_parser("run", help="latency and throughput")
+    run.add_argument("--root", type=Path, required=True)
+    run.add_argument("--warmup", type=int, default=5)
+    run.add_argument("--single", type=int, default=200, help="single-client requests")
+    run.add_argument("--clients", type=int, default=16)
+    run.add_argument("--concurrent-requests", type=int, default=2000, help="bound per round")
+    run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--round-seconds", type=float, default=30, help="bound of each 16-client round")
+    run.add_argument("--max-seconds", type=float, default=120, help="bound of the single-client phase")
+    run.add_argument("--bare-seconds", type=float, default=15)
+    run.add_argument("--max-batch", type=int, default=16)
+    run.add_argument("--max-wait-ms", type=float, default=4)
+    run.add_argument("--torch-threads", type=int, default=None, help="for the server and the bare encoder")
+    run.add_argument("--faiss-threads", type=int, default=None, help="for the server")
+    run.add_argument("--json", type=Path, default=None)
+    soak = sub.add_parser("soak", help="resident memory under steady load")
+    soak.add_argument("--root", type=Path, required=True)
+    soak.add_argument("--seconds", type=float, default=600)
+    soak.add_argument("--clients", type=int, default=4)
+    soak.add_argument("--sample-every", type=float, default=5)
+    soak.add_argument("--torch-threads", type=int, default=None)
+    soak.add_argument("--faiss-threads", type=int, default=None)
+    soak.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    # As `sbir serve` does, before torch is loaded here, so that the bare encoder runs as the server's
+    # does. OMP_WAIT_POLICY= (empty) measures libgomp's default instead.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.cmd == "make-index":
+        make_index(args.out, args.photos, args.model, args.seed)
+        return 0
+    report = cmd_run(args) if args.cmd == "run" else cmd_soak(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
