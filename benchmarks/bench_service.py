@@ -478,6 +478,71 @@ def cmd_soak(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_threads(args: argparse.Namespace) -> dict:
+    """The encoder and FAISS alone under each OpenMP wait policy and thread count (one child each).
+
+    The policy is read when OpenMP starts, so every combination runs in a fresh process.
+    """
+    report: dict = {"machine": machine(), "root": str(args.root), "runs": []}
+    for policy in ("", "PASSIVE"):
+        for threads in (1, 2):
+            env = {**os.environ, "OMP_WAIT_POLICY": policy}
+            cmd = [
+                sys.executable,
+                __file__,
+                "threads-child",
+                "--root",
+                str(args.root),
+                "--threads",
+                str(threads),
+            ]
+            cmd += ["--seconds", str(args.seconds)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+            run = json.loads(out.stdout.strip().splitlines()[-1])
+            run.update(omp_wait_policy=policy or "(libgomp default)", threads=threads)
+            report["runs"].append(run)
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def cmd_threads_child(args: argparse.Namespace) -> dict:
+    import faiss
+    import torch
+
+    from index_builder.snapshot import Snapshot
+    from model.pipeline import SBIRModel
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    snap = Snapshot.open(args.root)
+    model = SBIRModel.load(snap.model_dir, device="cpu")
+    pixels = torch.randint(
+        0, 255, (16, 3, model.backbone.image_size, model.backbone.image_size), dtype=torch.uint8
+    )
+    model.encode_pixels(pixels, "sketch")
+    done, start = 0, time.perf_counter()
+    for _ in range(10_000):
+        model.encode_pixels(pixels, "sketch")
+        done += 16
+        if time.perf_counter() - start >= args.seconds:
+            break
+    result = {"encoder_images_per_s_batch16": round(done / (time.perf_counter() - start), 2)}
+    rng = np.random.default_rng(0)
+    for nq in (1, 16):
+        q = rng.standard_normal((nq, snap.dim)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        snap.search(q, 24)
+        calls, start = 0, time.perf_counter()
+        for _ in range(100_000):
+            snap.search(q, 24)
+            calls += 1
+            if time.perf_counter() - start >= args.seconds / 3:
+                break
+        result[f"search_ms_{nq}_queries"] = round((time.perf_counter() - start) / calls * 1000, 2)
+    snap.close()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -509,14 +574,25 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--torch-threads", type=int, default=None)
     soak.add_argument("--faiss-threads", type=int, default=None)
     soak.add_argument("--json", type=Path, default=None)
+    th = sub.add_parser("threads", help="encoder and FAISS speed per OpenMP wait policy and thread count")
+    th.add_argument("--root", type=Path, required=True)
+    th.add_argument("--seconds", type=float, default=6)
+    th.add_argument("--json", type=Path, default=None)
+    child = sub.add_parser("threads-child")
+    child.add_argument("--root", type=Path, required=True)
+    child.add_argument("--threads", type=int, required=True)
+    child.add_argument("--seconds", type=float, default=6)
     args = p.parse_args(argv)
+    if args.cmd == "threads-child":  # the policy under test comes from our parent's environment
+        print(json.dumps(cmd_threads_child(args)))
+        return 0
     # As `sbir serve` does, before torch is loaded here, so that the bare encoder runs as the server's
     # does. OMP_WAIT_POLICY= (empty) measures libgomp's default instead.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.cmd == "make-index":
         make_index(args.out, args.photos, args.model, args.seed)
         return 0
-    report = cmd_run(args) if args.cmd == "run" else cmd_soak(args)
+    report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads}[args.cmd](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
