@@ -11,6 +11,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,14 +40,16 @@ CONTENT_FAILURES = frozenset({"empty", "not-an-image", "corrupt", "too-large"})
 def _hash_file(path: Path, root: Path) -> tuple[str | None, Skipped | None]:
     key = str(path)
     try:
-        real = path.resolve()
-        if not (real == root or real.is_relative_to(root)):
-            return None, Skipped(key, key, "outside-root", f"resolves to {real}")
-        size = path.stat().st_size
-        if size == 0:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):  # listing refused links leaving the root; one may have appeared since
+            real = path.resolve()
+            if not (real == root or real.is_relative_to(root)):
+                return None, Skipped(key, key, "outside-root", f"resolves to {real}")
+            st = real.stat()
+        if st.st_size == 0:
             return None, Skipped(key, key, "empty", "zero bytes")
-        if size > MAX_FILE_BYTES:
-            return None, Skipped(key, key, "too-large", f"{size} bytes exceeds {MAX_FILE_BYTES}")
+        if st.st_size > MAX_FILE_BYTES:
+            return None, Skipped(key, key, "too-large", f"{st.st_size} bytes exceeds {MAX_FILE_BYTES}")
         h = hashlib.sha256()
         with path.open("rb") as f:
             while block := f.read(READ_BLOCK):
@@ -59,21 +62,30 @@ def _hash_file(path: Path, root: Path) -> tuple[str | None, Skipped | None]:
 
 
 def hash_photos(
-    records: Sequence[PhotoRecord], root: Path, threads: int = 4, progress: bool = True
+    records: Sequence[PhotoRecord], root: Path, threads: int = 2, progress: bool = True
 ) -> tuple[dict[int, str], list[Skipped]]:
-    """sha256 of every photo's bytes (threads: hashlib releases the GIL), and the unreadable ones."""
+    """sha256 of every photo's bytes, and the unreadable ones.
+
+    Threads take runs of 256 files: per-file tasks cost more in scheduling than hashing a small photo
+    (hashlib releases the GIL only for the hashing itself). More threads help on slow storage.
+    """
     from tqdm import tqdm
 
+    runs = [records[i : i + 256] for i in range(0, len(records), 256)]
     hashes: dict[int, str] = {}
     skipped: list[Skipped] = []
+    bar = tqdm(total=len(records), desc="hashing", unit="photo", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = pool.map(lambda r: _hash_file(r.path, root), records, chunksize=64)
-        bar = tqdm(results, total=len(records), desc="hashing", unit="photo", disable=not progress)
-        for record, (digest, skip) in zip(records, bar, strict=True):
-            if digest is not None:
-                hashes[record.id] = digest
-            else:
-                skipped.append(Skipped(record.key, str(record.path), skip.reason, skip.detail))
+        for run, results in zip(
+            runs, pool.map(lambda run: [_hash_file(r.path, root) for r in run], runs), strict=True
+        ):
+            for record, (digest, skip) in zip(run, results, strict=True):
+                if digest is not None:
+                    hashes[record.id] = digest
+                else:
+                    skipped.append(Skipped(record.key, str(record.path), skip.reason, skip.detail))
+            bar.update(len(run))
+    bar.close()
     return hashes, skipped
 
 
