@@ -24,7 +24,7 @@ from service.batcher import BatcherStopped, MicroBatcher, QueueFull
 from service.deps import Service
 from service.errors import ApiError, error_body
 from service.metrics import ServiceMetrics
-from service.routes import admin, ops, photos, search
+from service.routes import admin, ops, page, photos, search
 from service.settings import Settings
 from service.state import NotReady, ServingState
 
@@ -86,6 +86,7 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     app.include_router(photos.build_router(settings))
     app.include_router(ops.router)
     app.include_router(admin.router)
+    app.include_router(page.build_router())
     _add_error_handlers(app)
     return app
 

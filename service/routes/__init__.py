@@ -1,1 +1,1 @@
-"""One router per resource: search, photos, operations (health, metrics, info), admin."""
+"""One router per resource: search, photos, operations (health, metrics, info), admin, the drawing page."""
