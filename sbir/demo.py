@@ -144,6 +144,7 @@ def cmd_demo(args) -> int:
         return 0
 
     _step(5, f"serving on http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    print(f"      open http://{args.host}:{args.port}/ in a browser and draw; API docs at /docs")
     from service.server import run
     from service.settings import Settings
 
