@@ -357,6 +357,22 @@ def test_upload_and_errors_are_shown_plainly_and_the_drawing_is_kept(probe, tmp_
     wait_for_results(page, DEFAULT_K)
     assert "sketch.png" in page.text_content("#query")
 
+    # a file dropped on the canvas searches the same way
+    with page.expect_request(lambda r: "/search" in r.url) as dropped:
+        page.evaluate(
+            """async () => {
+                const blob = await (await fetch(document.querySelector('#grid img').src)).blob();
+                const dt = new DataTransfer();
+                dt.items.add(new File([blob], 'dropped.jpg', {type: blob.type}));
+                const stage = document.getElementById('stage');
+                stage.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+                stage.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }"""
+        )
+    assert b"dropped.jpg" in dropped.value.post_data_buffer
+    wait_for_results(page, DEFAULT_K)
+    assert "dropped.jpg" in page.text_content("#query")
+
     # the server refuses a file that is no image: its message is shown, the drawing stays
     page.set_input_files(
         "#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a png"}]
@@ -399,6 +415,28 @@ def test_upload_and_errors_are_shown_plainly_and_the_drawing_is_kept(probe, tmp_
     # the browser logs each failed request (the 422, the 503s, the refused connections); nothing else
     probe.errors = [e for e in probe.errors if "Failed to load resource" not in e]
     assert probe.errors == []
+
+
+def test_nothing_indexed_yet_is_said_plainly(browser, tmp_path):
+    root = tmp_path / "empty-index"  # no CURRENT: the server runs, but has nothing to search
+    root.mkdir()
+    with serve(root) as url:
+        context = browser.new_context(viewport={"width": 1200, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        page.wait_for_function(
+            "() => document.getElementById('info-serving').textContent.includes('No snapshot is served yet')"
+        )
+        assert "has no CURRENT" in page.text_content("#info-serving")  # /info's last_reload_error
+        with page.expect_response(lambda r: "/search" in r.url) as answer:
+            draw(page, [(0.3, 0.3), (0.7, 0.7)])
+        assert answer.value.status == 503
+        page.wait_for_selector("#status.error")
+        assert status(page).startswith("Nothing is indexed yet: ") and "Retrying in" in status(page)
+        assert stroke_count(page) == 1 and ink(page) > 0
+        page.screenshot(path=str(artifacts_dir() / "nothing_indexed.png"))
+        context.close()
 
 
 def test_phone_layout_high_dpi_and_resize_keep_the_drawing(browser, live):

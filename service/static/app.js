@@ -643,8 +643,10 @@
     if (data.limits) limits = { ...limits, ...data.limits };
     fillK();
     if (!data.ready || !data.snapshot) {
+      const err = data.last_reload_error; // {snapshot, at, reason, message}
+      const why = err && (typeof err === "object" ? err.message : String(err));
       ui.serving.textContent = "No snapshot is served yet" +
-        (data.last_reload_error ? `: ${data.last_reload_error}` : " (waiting for an index to be published).");
+        (why ? `: ${why}` : " (waiting for an index to be published).");
       return;
     }
     const m = data.model || {};
