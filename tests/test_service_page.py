@@ -309,6 +309,8 @@ def test_eraser_cuts_the_pen_strokes_that_are_sent(probe):
     before = ink(page)
     page.keyboard.press("e")
     assert page.get_attribute("#eraser", "aria-pressed") == "true"
+    page.keyboard.press("]")  # each tool keeps its own width
+    assert page.input_value("#width") == "50" and page.text_content("#width-value") == "50"
     assert page.get_attribute("#width", "aria-label") == "Eraser width"
     with page.expect_request(lambda r: "/search" in r.url) as erased:
         draw(page, [(0.5, 0.3), (0.5, 0.7)])  # across the middle of the line
