@@ -1,0 +1,76 @@
+# The search service (`sbir serve`) and the index jobs (`sbir index ...`) in one image.
+#
+#   docker build -t sbir .                      # GPU host: CUDA base, torch cu130 + faiss-gpu
+#   docker run --gpus all -v sbir-data:/data -p 8000:8000 sbir
+#
+# BASE_IMAGE: torch 2.14.1 is the CUDA 13.0 build and brings its CUDA libraries as pip wheels
+# (nvidia-*), faiss-gpu brings CUDA 12 ones; the base image contributes the CUDA 13.0 user-space
+# runtime and the NVIDIA_* settings through which nvidia-container-toolkit mounts the host's driver
+# (driver >= 580 for CUDA 13.0). The `base` flavour is enough: the larger `runtime` and
+# `cudnn-runtime` flavours would only duplicate libraries the wheels already ship.
+# CI builds on a local Debian image with python3 (no registry there) and EXTRAS=cpu.
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+# gpu: faiss-gpu (for CUDA hosts); cpu: faiss-cpu. Exactly one of them: both provide `faiss`.
+ARG EXTRAS=gpu
+# Build-time package sources (a mirror, a wheel folder over HTTP), unset by default: PyPI.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Python: the CUDA images have none (Ubuntu 24.04 gives 3.12); an image that has it is left alone.
+# hadolint ignore=DL3008
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+           python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/sbir \
+    && useradd --system --uid 10001 --user-group --create-home --home-dir /home/sbir sbir \
+    && mkdir -p /data && chown sbir:sbir /data
+
+ENV PATH=/opt/sbir/bin:$PATH \
+    VIRTUAL_ENV=/opt/sbir \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /src
+
+# Dependencies first, from pyproject.toml alone (the packages as empty stubs), so that a code
+# change reuses this layer and does not reinstall torch.
+COPY pyproject.toml ./
+# hadolint ignore=DL3013
+RUN mkdir -p sbir model index_builder service \
+    && touch README.md sbir/__init__.py model/__init__.py index_builder/__init__.py service/__init__.py \
+    && pip install ".[${EXTRAS}]" \
+    && pip uninstall -y sbir \
+    && rm -rf /src/*
+
+# The code.
+COPY . .
+# hadolint ignore=DL3013
+RUN pip install --no-deps . \
+    && rm -rf /src/* \
+    && python -c "import faiss, torch, service.app, index_builder.build; print('faiss', faiss.__version__, 'torch', torch.__version__)"
+
+USER 10001:10001
+WORKDIR /data
+# /data/models: checkpoints; /data/photos: the collection; /data/index: ROOT (CURRENT, snapshots/).
+VOLUME ["/data"]
+ENV SBIR_SNAPSHOT_ROOT=/data/index \
+    SBIR_HOST=0.0.0.0 \
+    SBIR_PORT=8000
+EXPOSE 8000
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('SBIR_PORT', '8000'), timeout=4)"]
+
+# `sbir serve` runs uvicorn in this process (PID 1 without an init): SIGTERM stops it gracefully.
+ENTRYPOINT ["sbir"]
+CMD ["serve"]
