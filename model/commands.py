@@ -51,6 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--objective", choices=["release", "paper"], default="release")
     t.add_argument("--lam", type=float, default=1.0, help="IIAE lambda")
     t.add_argument("--beta", type=float, default=0.5, help="IIAE beta (release form)")
+    t.add_argument("--rec-weight", type=float, default=10.0, help="weight of each reconstruction MSE (the release: 10)")
     t.add_argument("--iiae-steps", type=int, default=3000, help="maximum IIAE steps (best on val is kept)")
     t.add_argument("--iiae-lr", type=float, default=1e-3, help="IIAE learning rate (the release: 2e-4)")
     t.add_argument("--pair-by", choices=["category", "instance"], default="instance",
@@ -140,7 +141,7 @@ def cmd_train(args) -> int:
         split = replace(split, granularity=args.granularity)
     fs = _load_features(args)
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
-                      iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
+                      rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
                       peer=not args.no_peer, refit=not args.no_refit)
     summary = train_all(fs, records, split, cfg, args.out)
     print(json.dumps(summary, indent=2))

@@ -46,6 +46,7 @@ class TrainConfig:
     lam: float = 1.0
     beta: float = 0.5
     latent_dim: int = 64
+    rec_weight: float = 10.0  # the release's 10 * MSE (mean over feature dims)
     # Chosen on the validation classes (docs/BENCHMARKS.md): instance pairs and lr 1e-3 reached a higher
     # validation mAP than the release's 2e-4 with random same-class pairs in the steps we can afford.
     iiae_lr: float = 1e-3
@@ -253,7 +254,7 @@ def train_iiae(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
     icfg = IIAEConfig(input_dim=a.shape[1], latent_dim=cfg.latent_dim, objective=cfg.objective,
-                      lam=cfg.lam, beta=cfg.beta)
+                      lam=cfg.lam, beta=cfg.beta, rec_weight=cfg.rec_weight)
     model = IIAE(icfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.iiae_lr, betas=(0.5, 0.999), fused=True)
     pairs = _Pairs(td, rng, cfg.pair_by)
