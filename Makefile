@@ -7,7 +7,7 @@ DATA ?= data/emoji
 RUNS ?= runs/emoji
 SEEDS ?= 0 1 2
 
-.PHONY: demo test test-slow lint bench-accuracy bench-features clean-venv
+.PHONY: demo test test-slow lint bench-accuracy bench-features clean-venv docker-smoke
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-accuracy: $(VENV)/.installed
 	$(BIN)/sbir features $(DATA)
 	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s || exit 1; done
 	$(BIN)/sbir eval $(DATA) --runs $(foreach s,$(SEEDS),$(RUNS)/seed$(s)) --out $(RUNS)
+
+# Docker deployment (docs/DEPLOY.md): installs Debian's Docker engine, builds the image on a local
+# base, runs it, compose up, a reindex job through compose, compose down. As root; about 15 minutes.
+docker-smoke:
+	bash deploy/ci-smoke.sh
 
 clean-venv:
 	rm -rf $(VENV)
