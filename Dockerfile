@@ -63,9 +63,13 @@ USER 10001:10001
 WORKDIR /data
 # /data/models: checkpoints; /data/photos: the collection; /data/index: ROOT (CURRENT, snapshots/).
 VOLUME ["/data"]
+# OMP_WAIT_POLICY: OpenMP workers that spin collapse the CPU encoder on a shared host (measured in
+# docs/BENCHMARKS.md: an index job 2.5 -> 10.6 photos/s); `sbir serve` sets it by itself, this
+# covers the index jobs too. -e OMP_WAIT_POLICY=ACTIVE to undo.
 ENV SBIR_SNAPSHOT_ROOT=/data/index \
     SBIR_HOST=0.0.0.0 \
-    SBIR_PORT=8000
+    SBIR_PORT=8000 \
+    OMP_WAIT_POLICY=PASSIVE
 EXPOSE 8000
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
