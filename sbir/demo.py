@@ -108,14 +108,14 @@ def cmd_demo(args) -> int:
           f"{sum(r.domain == 'photo' for r in records)} colour emoji; split {split.name}: "
           f"{len(split.train)} training, {len(split.val)} validation, {len(split.unseen)} unseen subgroups")
 
-    _step(2, "backbone features (EfficientNet-Lite2, cached)")
+    _step(2, "backbone features (EfficientNet-Lite2; computed once, then cached)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     fs, feat_dir = _features(data, records, args.sketch_views)
 
-    _step(3, "training the adapter and IIAE on the seen subgroups (cached)")
+    _step(3, "training the adapter and IIAE on the seen subgroups (once, then cached)")
     model_dir = _train(data, work, records, split, fs)
 
-    _step(4, "indexing the colour emoji gallery (cached)")
+    _step(4, "indexing the colour emoji gallery (once, then cached)")
     from index_builder.build import BuildOptions, build
     from index_builder.snapshot import Snapshot, read_current
     from model.pipeline import checkpoint_sha256
