@@ -376,6 +376,18 @@ def machine() -> dict:
 
 
 # --- commands --------------------------------------------------------------------------------------
+def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Server:
+    """Start `sbir serve` with `flags` plus the thread flags; record the flags and OpenMP/MKL env."""
+    flags = list(flags)
+    if args.torch_threads is not None:
+        flags += ["--torch-threads", str(args.torch_threads)]
+    if args.faiss_threads is not None:
+        flags += ["--faiss-threads", str(args.faiss_threads)]
+    report["server_flags"] = flags
+    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
+    return Server(args.root, flags)
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     """Single-client latency, then rounds of (bare encoder, 16-client service) and a last bare one.
 
@@ -386,14 +398,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     png = sketch_png()
     report: dict = {"machine": machine(), "root": str(args.root), "sketch_png_bytes": len(png)}
     bare = BareEncoder(snapshot_model_dir(args.root), png, args.max_batch, args.torch_threads)
-    flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    if args.torch_threads is not None:
-        flags += ["--torch-threads", str(args.torch_threads)]
-    if args.faiss_threads is not None:
-        flags += ["--faiss-threads", str(args.faiss_threads)]
-    report["server_flags"] = flags
-    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
-    server = Server(args.root, flags)
+    server = start_server(args, report, ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
     try:
         report["server_rss_mb_idle"] = round(server.rss_mb(), 1)
         asyncio.run(drive(server.url, png, 1, args.warmup, 120))
@@ -440,14 +445,7 @@ def cmd_soak(args: argparse.Namespace) -> dict:
         "clients": args.clients,
     }
     t0 = time.perf_counter()
-    flags = []
-    if args.torch_threads is not None:
-        flags += ["--torch-threads", str(args.torch_threads)]
-    if args.faiss_threads is not None:
-        flags += ["--faiss-threads", str(args.faiss_threads)]
-    report["server_flags"] = flags
-    report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
-    server = Server(args.root, flags)
+    server = start_server(args, report, [])
     report["startup_s"] = round(time.perf_counter() - t0, 1)
     samples: list[tuple[float, float]] = []
     try:
