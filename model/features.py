@@ -223,6 +223,7 @@ def extract_features(
         "ratio_to_bare_forward": round(forward_s / wall, 3) if wall > 0 else None,
         "workers": workers,
         "torch_threads": torch.get_num_threads(),
+        "runtime": backbone.runtime(),
     }
     meta = {"plan_id": plan_id, "plan": plan, "skipped": skipped, "speed": speed, "dim": backbone.dim}
     keep = ok_a

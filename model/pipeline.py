@@ -153,6 +153,8 @@ class SBIRModel:
         device: str | torch.device | None = "auto",
         with_backbone: bool = True,
         backbone_weights: str | Path | None = None,
+        cpu_runtime: str | None = None,
+        cpu_threads: int | None = None,
     ) -> SBIRModel:
         """Load a checkpoint. The backbone is rebuilt by name and its weights' sha256 must match."""
         from safetensors.torch import load_file
@@ -175,7 +177,10 @@ class SBIRModel:
         if with_backbone:
             bb = config["backbone"]
             backbone = create_backbone(
-                bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"]
+                bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"],
+                # onnxruntime is the CPU path only: on a GPU the backbone runs in torch
+                cpu_runtime=cpu_runtime if resolve_device(device).type == "cpu" else "torch",
+                cpu_threads=cpu_threads,
             )
         model = cls(backbone, adapter, iiae, config, device=device)
         model.sha256 = checkpoint_sha256(ckpt_dir)
@@ -188,6 +193,7 @@ class SBIRModel:
             "dim": self.dim,
             "backbone": self.config.get("backbone"),
             "device": str(self.device),
+            "runtime": self.backbone.runtime() if self.backbone is not None else None,
         }
 
 

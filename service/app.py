@@ -37,7 +37,8 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     (index_builder.snapshot unless a test gives another)."""
     metrics = ServiceMetrics()
     state = ServingState(
-        settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots
+        settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
+        cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads,
     )
     batcher = MicroBatcher(
         lambda pair, payloads: pair.encode_and_search(payloads),

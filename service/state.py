@@ -130,8 +130,10 @@ class ServingPair:
 class ModelCache:
     """Models by checkpoint sha256, so a snapshot built with the serving model reuses its weights."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, cpu_runtime: str | None = None, cpu_threads: int | None = None):
         self.device = device
+        self.cpu_runtime = cpu_runtime
+        self.cpu_threads = cpu_threads
         self._models: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -144,7 +146,8 @@ class ModelCache:
         from model.pipeline import SBIRModel
 
         LOG.info("loading model %s from %s on %s", sha256[:12], model_dir, self.device)
-        model = SBIRModel.load(model_dir, device=self.device)
+        model = SBIRModel.load(model_dir, device=self.device, cpu_runtime=self.cpu_runtime,
+                               cpu_threads=self.cpu_threads)
         if model.sha256 != sha256:
             raise UserError(
                 f"the checkpoint in {model_dir} has sha256 {model.sha256}, the snapshot expects {sha256}"
@@ -203,11 +206,13 @@ class ServingState:
         metrics: ServiceMetrics,
         reload_interval_s: float = 2.0,
         snapshots: ModuleType | None = None,
+        cpu_runtime: str | None = None,
+        cpu_threads: int | None = None,
     ):
         self.root = Path(root)
         self.metrics = metrics
         self.reload_interval_s = reload_interval_s
-        self.models = ModelCache(device)
+        self.models = ModelCache(device, cpu_runtime, cpu_threads)
         self._snapshots = snapshots
         self.current: ServingPair | None = None
         self.last_reload_error: dict | None = None

@@ -40,9 +40,48 @@ def test_torchvision_architecture_with_local_weights(tmp_path):
 
 
 def test_micro_batched_cpu_forward_matches_the_plain_module():
-    bb = create_backbone("efficientnet_lite2")
+    bb = create_backbone("efficientnet_lite2", cpu_runtime="torch")
+    assert bb.cpu_runtime == "torch"
     x = torch.randint(0, 255, (6, 3, 260, 260), dtype=torch.uint8)
     with torch.inference_mode():
         fast = bb(x)
         plain = bb.net((x.float() / 255 - bb._mean) / bb._std)
     torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_onnxruntime_forward_matches_torch_for_batches_and_single_images():
+    ort_bb = create_backbone("efficientnet_lite2", cpu_runtime="onnxruntime")
+    torch_bb = create_backbone("efficientnet_lite2", cpu_runtime="torch")
+    assert ort_bb.cpu_runtime.startswith("onnxruntime")
+    x = torch.randint(0, 255, (5, 3, 260, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = torch_bb(x)
+        batch = ort_bb(x)  # spread over single-threaded runs
+        single = torch.cat([ort_bb(x[i : i + 1]) for i in range(len(x))])  # one multi-threaded run each
+    torch.testing.assert_close(batch, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(single, want, rtol=1e-4, atol=1e-4)
+    assert batch.dtype == torch.float32 and batch.shape == (5, ort_bb.dim)
+
+
+def test_cpu_runtime_from_environment_and_unknown_names(monkeypatch):
+    monkeypatch.setenv("SBIR_CPU_RUNTIME", "torch")
+    assert create_backbone("efficientnet_lite2").cpu_runtime == "torch"
+    with pytest.raises(ValueError, match="unknown CPU runtime"):
+        create_backbone("efficientnet_lite2", cpu_runtime="tensorrt")
+
+
+def test_onnxruntime_failure_keeps_torch_unless_required(monkeypatch, caplog):
+    import model.backbones as backbones
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export exploded")
+
+    monkeypatch.setattr(backbones, "OnnxRuntimeNet", broken)
+    with caplog.at_level("WARNING", logger="model.backbones"):
+        bb = create_backbone("efficientnet_lite2", cpu_runtime="auto")
+    assert bb.cpu_runtime == "torch" and "export exploded" in caplog.text
+    x = torch.randint(0, 255, (2, 3, 260, 260), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.isfinite(bb(x)).all()
+    with pytest.raises(RuntimeError, match="onnxruntime cannot run backbone efficientnet_lite2: export exploded"):
+        create_backbone("efficientnet_lite2", cpu_runtime="onnxruntime")
