@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -304,6 +305,78 @@ async def drive(
     }
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+local f = assert(io.open("%(body)s", "rb"))
+wrk.body = f:read("*a")
+f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, "status": %%d, '
+    .. '"timeout": %%d, "p50": %%.3f, "p90": %%.3f, "p99": %%.3f, "max": %%.3f, "mean": %%.3f}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    latency.max / 1000, latency.mean / 1000))
+end
+"""
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(sketches encoded, forward passes) so far, from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("sbir_batch_size_sum ", "sbir_batch_size_count ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values.get("sbir_batch_size_sum", 0.0), values.get("sbir_batch_size_count", 0.0)
+
+
+def drive_wrk(url: str, png: bytes, clients: int, seconds: float, k: int = 24) -> dict:
+    """`clients` connections of wrk (C, one thread) posting the sketch for `seconds`.
+
+    wrk costs the shared cores far less CPU per request than an async Python client does, so more of
+    the machine is left to the server under test. Its report has no per-stage timings.
+    """
+    import tempfile
+
+    boundary = "sbirbench7d1c0b"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    with tempfile.TemporaryDirectory(prefix="sbir-wrk-") as tmp:
+        body_path, script_path = Path(tmp) / "body", Path(tmp) / "post.lua"
+        body_path.write_bytes(body)
+        script_path.write_text(WRK_SCRIPT % {"boundary": boundary, "body": body_path})
+        sum0, count0 = _batch_totals(url)
+        proc = subprocess.run(
+            ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+             "-s", str(script_path), f"{url}/search?k={k}"],
+            capture_output=True, text=True, timeout=seconds + 120, check=True,
+        )
+        sum1, count1 = _batch_totals(url)
+    stats = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    failures = sum(stats[e] for e in ("connect", "read", "write", "status", "timeout"))
+    ok = stats["requests"] - stats["status"]
+    elapsed = stats["duration_us"] / 1e6
+    return {
+        "load_generator": "wrk",
+        "clients": clients,
+        "requests": ok,
+        "failures": failures,
+        "failure_examples": [proc.stdout[-400:]] if failures else [],
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(ok / elapsed, 2) if elapsed else 0.0,
+        "latency_ms": {q: round(stats[q], 2) for q in ("p50", "p90", "p99", "max", "mean")},
+        "mean_batch_size": round((sum1 - sum0) / (count1 - count0), 2) if count1 > count0 else 0,
+    }
+
+
 def _percentiles(values: list[float]) -> dict:
     if not values:
         return {}
@@ -324,7 +397,8 @@ class BareEncoder:
     It runs on a worker thread with the server's torch thread count, as the server's batcher does.
     """
 
-    def __init__(self, model_dir: Path, png: bytes, batch: int, torch_threads: int | None):
+    def __init__(self, model_dir: Path, png: bytes, batch: int, torch_threads: int | None,
+                 cpu_runtime: str | None = None):
         import torch
 
         from model.images import load_image
@@ -332,7 +406,7 @@ class BareEncoder:
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        self.model = SBIRModel.load(model_dir, device="cpu")
+        self.model = SBIRModel.load(model_dir, device="cpu", cpu_runtime=cpu_runtime)
         self.pixels = torch.stack([self.model.preprocess(load_image(png))] * batch)
         self.measure(0.0)  # warm-up
 
@@ -383,6 +457,8 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--torch-threads", str(args.torch_threads)]
     if args.faiss_threads is not None:
         flags += ["--faiss-threads", str(args.faiss_threads)]
+    if getattr(args, "cpu_runtime", None):
+        flags += ["--cpu-runtime", args.cpu_runtime]
     report["server_flags"] = flags
     report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
     return Server(args.root, flags)
@@ -396,8 +472,11 @@ def cmd_run(args: argparse.Namespace) -> dict:
     which does not depend on how much CPU the machine lends.
     """
     png = sketch_png()
-    report: dict = {"machine": machine(), "root": str(args.root), "sketch_png_bytes": len(png)}
-    bare = BareEncoder(snapshot_model_dir(args.root), png, args.max_batch, args.torch_threads)
+    load = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
+    report: dict = {"machine": machine(), "root": str(args.root), "sketch_png_bytes": len(png),
+                    "load_generator": load}
+    bare = BareEncoder(snapshot_model_dir(args.root), png, args.max_batch, args.torch_threads, args.cpu_runtime)
+    report["cpu_runtime"] = bare.model.backbone.runtime()
     server = start_server(args, report, ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
     try:
         report["server_rss_mb_idle"] = round(server.rss_mb(), 1)
@@ -406,9 +485,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
         bares, rounds = [bare.measure(args.bare_seconds)], []
         for _ in range(args.rounds):
             cpu0 = server.cpu_seconds()
-            r = asyncio.run(
-                drive(server.url, png, args.clients, args.concurrent_requests, args.round_seconds)
-            )
+            if load == "wrk":
+                r = drive_wrk(server.url, png, args.clients, args.round_seconds)
+            else:
+                r = asyncio.run(
+                    drive(server.url, png, args.clients, args.concurrent_requests, args.round_seconds)
+                )
             r["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, r["requests"]), 4)
             rounds.append(r)
             bares.append(bare.measure(args.bare_seconds))
@@ -563,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-wait-ms", type=float, default=4)
     run.add_argument("--torch-threads", type=int, default=None, help="for the server and the bare encoder")
     run.add_argument("--faiss-threads", type=int, default=None, help="for the server")
+    run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
+                     help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
+    run.add_argument("--load", choices=("auto", "wrk", "httpx"), default="auto",
+                     help="load generator of the concurrent rounds (auto: wrk when installed)")
     run.add_argument("--json", type=Path, default=None)
     soak = sub.add_parser("soak", help="resident memory under steady load")
     soak.add_argument("--root", type=Path, required=True)
