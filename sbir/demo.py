@@ -22,7 +22,7 @@ LOG = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="build data, train, index and serve the emoji demo (cached; first run 15-20 min on 2 cores)",
+        help="build data, train, index and serve the emoji demo (cached; first run about 11 min on 2 cores)",
         description="One command from nothing to a running search service on the built-in emoji benchmark.",
     )
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="dataset directory")
