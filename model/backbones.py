@@ -419,7 +419,8 @@ class Backbone(nn.Module):
         if device.type != "cpu":
             return f"torch {device}"
         if self._ort is not None:
-            return f"onnxruntime {self._ort.version} ({self._ort.threads} threads)"
+            n = self._ort.threads
+            return f"onnxruntime {self._ort.version} ({n} thread{'s' if n != 1 else ''})"
         return "torch cpu"
 
 

@@ -254,6 +254,10 @@ def test_health_ready_info(served):
     assert info["ready"] and info["snapshot"]["id"] == snapshot_id and info["snapshot"]["photos"] == 8
     assert info["model"]["sha256"] == info["snapshot"]["model_sha256"]
     assert info["last_reload_error"] is None and info["limits"]["max_k"] == 50
+    # the default CPU runtime, and it says so: an operator can tell a fallback to torch from /info
+    import onnxruntime
+
+    assert info["model"]["runtime"] == f"onnxruntime {onnxruntime.__version__} (2 threads)"
     assert TOKEN not in str(info)
 
 

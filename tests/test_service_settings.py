@@ -36,9 +36,12 @@ def test_environment_is_read(monkeypatch, tmp_path):
 def test_flags_override_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SBIR_PORT", "9000")
     monkeypatch.setenv("SBIR_MAX_BATCH", "4")
-    args = build_parser().parse_args(["serve", str(tmp_path), "--port", "9100", "--cors-origin", "http://x"])
+    monkeypatch.setenv("SBIR_CPU_RUNTIME", "onnxruntime")
+    args = build_parser().parse_args(
+        ["serve", str(tmp_path), "--port", "9100", "--cors-origin", "http://x", "--cpu-runtime", "torch"]
+    )
     s = settings_from_args(args)
-    assert s.port == 9100 and s.max_batch == 4 and s.cors_origins == ["http://x"]
+    assert s.port == 9100 and s.max_batch == 4 and s.cors_origins == ["http://x"] and s.cpu_runtime == "torch"
     assert s.snapshot_root == tmp_path
 
 
@@ -54,6 +57,7 @@ def test_flags_override_the_environment(monkeypatch, tmp_path):
         ("max_wait_ms", -1, "greater than or equal to 0"),
         ("port", 70000, "less than or equal to 65535"),
         ("log_level", "loud", "Input should be"),
+        ("cpu_runtime", "tensorrt", "Input should be"),
     ],
 )
 def test_unsafe_or_meaningless_values_are_refused(tmp_path, field, value, words):

@@ -97,3 +97,14 @@ def test_concurrent_leases_are_counted_exactly():
     assert not pair.closed_event.wait(0.1)
     pair.release()
     assert pair.closed_event.wait(5) and snap.closed == 1
+
+
+def test_model_cache_loads_with_the_configured_cpu_runtime(untrained_checkpoint):
+    from model.pipeline import checkpoint_sha256
+    from service.state import ModelCache
+
+    sha = checkpoint_sha256(untrained_checkpoint)
+    model = ModelCache("cpu", cpu_runtime="torch").get(untrained_checkpoint, sha)
+    assert model.describe()["runtime"] == "torch cpu"
+    model = ModelCache("cpu", cpu_runtime="onnxruntime", cpu_threads=1).get(untrained_checkpoint, sha)
+    assert model.describe()["runtime"].startswith("onnxruntime") and model.describe()["runtime"].endswith("(1 thread)")
