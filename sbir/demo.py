@@ -45,14 +45,15 @@ def _features(data: Path, records, sketch_views: int):
     """Reuse a complete feature cache of the default backbone, whatever its view count; else compute one."""
     from model.backbones import create_backbone
     from model.commands import default_features_dir
+    from model.defaults import DEFAULT_BACKBONE
     from model.features import META_FILE, FeatureSet, extract_features
 
-    out = default_features_dir(data, "efficientnet_lite2")
+    out = default_features_dir(data, DEFAULT_BACKBONE)
     if (out / META_FILE).is_file() and (out / "features.safetensors").is_file():
         fs = FeatureSet.load(out)
         if fs.meta["plan"]["records_sha256"] and len(set(fs.record.tolist())) > 0.95 * len(records):
             return fs, out
-    backbone = create_backbone("efficientnet_lite2")
+    backbone = create_backbone(DEFAULT_BACKBONE)
     return extract_features(data, records, backbone, out, sketch_views=sketch_views, edge_artists=()), out
 
 

@@ -85,3 +85,14 @@ def test_onnxruntime_failure_keeps_torch_unless_required(monkeypatch, caplog):
         assert torch.isfinite(bb(x)).all()
     with pytest.raises(RuntimeError, match="onnxruntime cannot run backbone efficientnet_lite2: export exploded"):
         create_backbone("efficientnet_lite2", cpu_runtime="onnxruntime")
+
+
+def test_multi_level_backbone_adds_pooled_blocks_to_the_same_head_features():
+    ms = create_backbone("efficientnet_lite2_ms")
+    plain = create_backbone("efficientnet_lite2")
+    assert ms.dim == 120 + 208 + 352 + 1280 and ms.weights_sha256 == plain.weights_sha256
+    x = torch.randint(0, 255, (2, 3, 260, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        both, head = ms(x), plain(x)
+    torch.testing.assert_close(both[:, -1280:], head, rtol=1e-4, atol=1e-4)
+    assert both[:, :-1280].abs().sum() > 0  # the pooled blocks are really there
