@@ -1,4 +1,4 @@
 """Defaults shared by the model code and the command line, importable without torch."""
 
 # The backbone `sbir features`, `sbir train`, `sbir eval` and `sbir demo` use unless told otherwise.
-DEFAULT_BACKBONE = "efficientnet_lite2"
+DEFAULT_BACKBONE = "efficientnet_lite2_ms"

@@ -109,7 +109,7 @@ def cmd_demo(args) -> int:
           f"{sum(r.domain == 'photo' for r in records)} colour emoji; split {split.name}: "
           f"{len(split.train)} training, {len(split.val)} validation, {len(split.unseen)} unseen subgroups")
 
-    _step(2, "backbone features (EfficientNet-Lite2; computed once, then cached)")
+    _step(2, "backbone features (EfficientNet-Lite2, multi-level; computed once, then cached)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     fs, feat_dir = _features(data, records, args.sketch_views)
 
