@@ -420,6 +420,7 @@ class Backbone(nn.Module):
             gen = torch.Generator().manual_seed(0)
             probe = torch.randint(0, 256, (2, 3, self.spec.image_size, self.spec.image_size), generator=gen,
                                   dtype=torch.uint8)
+            self._ort = None  # the reference is torch's own path
             with torch.no_grad():
                 want = self(probe)
                 self._ort = ort_net
