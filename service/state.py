@@ -42,12 +42,16 @@ class NotReady(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One query's answer from a batch: top-k scores and ids, and the batch's stage times."""
+    """One query's answer from a batch: its top-k (score, id, record) and the batch's stage times.
 
-    scores: np.ndarray
-    ids: np.ndarray
+    `record` is the snapshot's row for the id (None if the snapshot has none); ids < 0 (fewer photos
+    than k) are left out.
+    """
+
+    found: list[tuple[float, int, dict | None]]
     encode_s: float
     search_s: float
+    metadata_s: float
 
 
 class ServingPair:
@@ -108,7 +112,8 @@ class ServingPair:
             self.closed_event.set()
 
     def encode_and_search(self, payloads: Sequence[tuple[torch.Tensor, int]]) -> list[SearchHit]:
-        """Blocking (the batcher's thread): one forward pass and one index search for all payloads.
+        """Blocking (the batcher's thread): one forward pass, one index search and one metadata
+        lookup for all payloads.
 
         A flat index scan is memory-bound per query, so one batched search costs about what a
         single query does; the batch is searched at its largest k and each answer cut to its own.
@@ -122,9 +127,18 @@ class ServingPair:
             k_max = max(k for _, k in payloads)
             scores, ids = self.snapshot.search(np.ascontiguousarray(vectors, dtype=np.float32), k_max)
             t2 = time.perf_counter()
+            answers = [
+                [(s, i) for s, i in zip(scores[row, :k].tolist(), ids[row, :k].tolist(), strict=True) if i >= 0]
+                for row, (_, k) in enumerate(payloads)
+            ]
+            wanted = sorted({i for answer in answers for _, i in answer})
+            records = dict(zip(wanted, self.snapshot.lookup(wanted), strict=True)) if wanted else {}
+            t3 = time.perf_counter()
         finally:
             self.release()
-        return [SearchHit(scores[i, :k], ids[i, :k], t1 - t0, t2 - t1) for i, (_, k) in enumerate(payloads)]
+        return [
+            SearchHit([(s, i, records[i]) for s, i in answer], t1 - t0, t2 - t1, t3 - t2) for answer in answers
+        ]
 
 
 class ModelCache:

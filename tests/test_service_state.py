@@ -19,12 +19,17 @@ class FakeSnapshot:
     def __init__(self):
         self.closed = 0
         self.searches: list[tuple[int, int]] = []
+        self.lookups: list[list[int]] = []
 
     def search(self, queries, k):
         assert not self.closed, "search on a closed snapshot"
         self.searches.append((len(queries), k))
         n = len(queries)
         return np.tile(np.linspace(1, 0, k, dtype=np.float32), (n, 1)), np.tile(np.arange(k), (n, 1))
+
+    def lookup(self, ids):
+        self.lookups.append(list(ids))
+        return [{"id": i, "metadata": {"n": i}} if i != 1 else None for i in ids]
 
     def close(self):
         self.closed += 1
@@ -68,14 +73,27 @@ def test_release_without_acquire_is_a_bug():
         pair.release()
 
 
-def test_encode_and_search_is_one_forward_pass_and_one_search_per_batch():
+def test_encode_and_search_is_one_forward_pass_one_search_and_one_lookup_per_batch():
     snap, model = FakeSnapshot(), FakeModel()
     pair = ServingPair(snap, model)
     pixels = torch.zeros(3, 8, 8, dtype=torch.uint8)
     hits = pair.encode_and_search([(pixels, 2), (pixels, 5), (pixels, 3)])
     assert model.batches == [3] and snap.searches == [(3, 5)]  # searched once, at the largest k
-    assert [len(h.ids) for h in hits] == [2, 5, 3]
-    assert all(h.encode_s >= 0 and h.search_s >= 0 for h in hits)
+    assert snap.lookups == [[0, 1, 2, 3, 4]]  # each id looked up once for the whole batch
+    assert [[i for _, i, _ in h.found] for h in hits] == [[0, 1], [0, 1, 2, 3, 4], [0, 1, 2]]
+    assert hits[1].found[2] == (pytest.approx(0.5), 2, {"id": 2, "metadata": {"n": 2}})
+    assert hits[0].found[1][2] is None  # the snapshot had no record for id 1
+    assert all(h.encode_s >= 0 and h.search_s >= 0 and h.metadata_s >= 0 for h in hits)
+
+
+def test_encode_and_search_leaves_out_missing_neighbours():
+    class Sparse(FakeSnapshot):
+        def search(self, queries, k):  # fewer photos than k: faiss pads with -1
+            return np.array([[0.9, -np.inf, -np.inf]], np.float32), np.array([[7, -1, -1]])
+
+    snap = Sparse()
+    (hit,) = ServingPair(snap, FakeModel()).encode_and_search([(torch.zeros(3, 8, 8, dtype=torch.uint8), 3)])
+    assert [i for _, i, _ in hit.found] == [7] and snap.lookups == [[7]]
 
 
 def test_concurrent_leases_are_counted_exactly():

@@ -122,20 +122,13 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
             t_decode = time.perf_counter()
             waiting = service.batcher.enqueue(pair, (pixels, k))
         hit, batch = await waiting
-        t_batch = time.perf_counter()
-        found = [
-            (float(s), int(i)) for s, i in zip(hit.scores.tolist(), hit.ids.tolist(), strict=True) if i >= 0
-        ]
-        ids = [i for _, i in found]
-        records = await asyncio.to_thread(pair.snapshot.lookup, ids) if ids else []
-        t_meta = time.perf_counter()
         snapshot_id, model_sha = pair.id, pair.snapshot.model_sha256
     finally:
         pair.release()
 
     base = str(request.base_url)
     results = []
-    for (score, photo_id), record in zip(found, records, strict=True):
+    for score, photo_id, record in hit.found:
         if record is None:
             LOG.warning("snapshot %s returned id %d without metadata", snapshot_id, photo_id)
             continue
@@ -154,7 +147,7 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
         "queue": batch.queued_s,
         "encode": hit.encode_s,
         "search": hit.search_s,
-        "metadata": t_meta - t_batch,
+        "metadata": hit.metadata_s,
         "total": time.perf_counter() - start,
     }
     service.metrics.observe_stages(timings)
