@@ -1,10 +1,12 @@
 """Backbone registry: packaged weights verified by sha256, torchvision + local file, preprocessing."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from model.backbones import BACKBONES, WeightsError, create_backbone, sha256_file
+from model.images import pad_to_square
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -61,6 +63,26 @@ def test_onnxruntime_forward_matches_torch_for_batches_and_single_images():
     torch.testing.assert_close(batch, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(single, want, rtol=1e-4, atol=1e-4)
     assert batch.dtype == torch.float32 and batch.shape == (5, ort_bb.dim)
+    # float pixels in [0, 1] take the same graph (it normalises 0..255 pixels itself)
+    torch.testing.assert_close(ort_bb(x.float() / 255), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (100, 300), (260, 260), (1000, 700), (13, 9)])
+def test_preprocess_of_grey_images_equals_the_three_band_resize(size):
+    """Grey images are resized as one band and repeated: the same pixels as resizing all three."""
+    bb = create_backbone("efficientnet_lite2", cpu_runtime="torch")
+    gen = np.random.default_rng(sum(size))
+    grey = gen.integers(0, 256, size[::-1], dtype=np.uint8)
+    colour = gen.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+    for arr in (np.stack([grey] * 3, axis=-1), colour):
+        img = Image.fromarray(arr)
+        square = pad_to_square(img)
+        if square.size != (260, 260):
+            square = square.resize((260, 260), Image.BICUBIC, reducing_gap=3.0)
+        want = torch.from_numpy(np.array(square)).permute(2, 0, 1)
+        got = bb.preprocess(img)
+        assert got.dtype == torch.uint8 and got.shape == (3, 260, 260)
+        assert torch.equal(got, want)
 
 
 def test_cpu_runtime_from_environment_and_unknown_names(monkeypatch):
