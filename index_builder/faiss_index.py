@@ -30,6 +30,13 @@ NPROBE_LADDER = tuple(
 )  # 1, 2, 3, 4, 6, 8, 12, ...
 EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ID_BYTES = 8
+# Exact search of a batch: faiss (1.15) scans the vectors once per query unless the batch is past
+# `distance_compute_blas_threshold` (128,000 there, compared with about queries x dim), so the
+# service's batches of 2 to 16 sketches cost as many scans. One matrix product instead: a batch of 8
+# 64-d queries against 100k vectors took 6 ms instead of 19 ms on one core; a lone query keeps the
+# per-query scan, which is faster for it (3 against 4.6 ms) (docs/BENCHMARKS.md). Every search of ours
+# goes through `search`, which sets the kernel for its own batch.
+_BLAS_THRESHOLD_DEFAULT = faiss.cvar.distance_compute_blas_threshold
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     assert queries.ndim == 2 and queries.shape[1] == index.d, f"queries must be (n, {index.d})"
     assert k >= 1, "k must be >= 1"
+    # A process-wide setting: a search racing with another only picks the other kernel (same results).
+    faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else _BLAS_THRESHOLD_DEFAULT
     scores, ids = index.search(queries, k)
     scores[ids < 0] = -np.inf
     return scores, ids
@@ -361,7 +370,7 @@ def tune_and_measure(
 
     def measure(which: int) -> float:
         rows = halves[which]
-        _, found = index.search(np.ascontiguousarray(vectors[rows]), kk + 1)
+        _, found = search(index, vectors[rows], kk + 1)
         return recall_at_k(found, vectors[rows], vectors, ids, exact[which], kk, exclude=ids[rows])
 
     tunable = tunable_parameter(index) if tune else None

@@ -38,6 +38,20 @@ def test_exact_index_equals_numpy_brute_force():
     assert found.dtype == np.int64 and scores.dtype == np.float32
 
 
+def test_small_batches_and_single_queries_get_the_same_exact_answers():
+    """Batches run one matrix product, lone queries the per-query scan: the answers must not differ."""
+    x = unit_rows(5000, 64, 5)
+    ids = np.arange(5000, dtype=np.int64) * 7
+    q = unit_rows(8, 64, 6)
+    index = fi.build_index(x, ids, "Flat")
+    batch_scores, batch_ids = fi.search(index, q, 24)
+    single = [fi.search(index, q[i : i + 1], 24) for i in range(len(q))]
+    np.testing.assert_array_equal(batch_ids, np.concatenate([i for _, i in single]))
+    np.testing.assert_allclose(batch_scores, np.concatenate([s for s, _ in single]), atol=1e-5)
+    ref_scores, ref_ids = numpy_topk(q, x, ids, 24)
+    np.testing.assert_array_equal(batch_ids, ref_ids)
+
+
 def test_exact_knn_reference_matches_numpy_across_blocks():
     x = unit_rows(1000, 16, 3)
     q = unit_rows(7, 16, 4)
