@@ -52,7 +52,12 @@ class Settings(BaseSettings):
         "(onnxruntime unless it cannot export or disagrees with torch)",
     )
     faiss_threads: int | None = Field(
-        None, ge=1, le=256, description="OpenMP threads of the FAISS search (default: faiss's, all cores)"
+        1,
+        ge=1,
+        le=256,
+        description="OpenMP threads of the FAISS search (unset: faiss's default, all cores). One by default: "
+        "the search of a batch is short and the encoder and decoding keep the other cores busy; OpenMP "
+        "threads that wait for a busy core stall the whole batch (docs/SERVICE.md)",
     )
     reload_interval_s: float = Field(
         2.0, ge=0, description="how often ROOT/CURRENT is polled for a new snapshot (0: never)"
