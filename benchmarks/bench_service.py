@@ -54,7 +54,7 @@ def sketch_png() -> bytes:
 
 
 def untrained_checkpoint(path: Path) -> Path:
-    """EfficientNet-Lite2 with seeded random heads: the same cost as a trained model."""
+    """The default backbone with seeded random heads: the same cost as a trained model."""
     import torch
 
     from model.adapter import AdapterConfig, FeatureAdapter
@@ -65,7 +65,7 @@ def untrained_checkpoint(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
-    backbone = create_backbone("efficientnet_lite2")
+    backbone = create_backbone()
     model = SBIRModel(
         backbone,
         FeatureAdapter(AdapterConfig(input_dim=backbone.dim)),
