@@ -459,6 +459,8 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--faiss-threads", str(args.faiss_threads)]
     if getattr(args, "cpu_runtime", None):
         flags += ["--cpu-runtime", args.cpu_runtime]
+    if getattr(args, "batch_workers", None) is not None:
+        flags += ["--batch-workers", str(args.batch_workers)]
     report["server_flags"] = flags
     report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
     return Server(args.root, flags)
@@ -645,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-wait-ms", type=float, default=4)
     run.add_argument("--torch-threads", type=int, default=None, help="for the server and the bare encoder")
     run.add_argument("--faiss-threads", type=int, default=None, help="for the server")
+    run.add_argument("--batch-workers", type=int, default=None, help="for the server (default: its own)")
     run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
                      help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
     run.add_argument("--load", choices=("auto", "wrk", "httpx"), default="auto",

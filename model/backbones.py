@@ -15,7 +15,9 @@ import io
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,7 +349,10 @@ class OnnxRuntimeNet:
 
         self._single = session(self.threads)
         self._per_image = session(1) if self.threads > 1 else self._single
-        self._pool = None
+        # Made here, not on first use: batches may arrive from several threads at once (the service).
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sbir-ort") if self.threads > 1 else None
+        if self._pool is not None:  # its threads end with the model (a hot reload replaces models)
+            weakref.finalize(self, self._pool.shutdown, wait=False)
 
     def _run(self, session, arr: np.ndarray) -> np.ndarray:
         return session.run(None, {"pixels": arr.astype(np.float32, copy=False)})[0]
@@ -359,10 +364,6 @@ class OnnxRuntimeNet:
         if len(parts) == 1 or self.threads == 1:
             outs = [self._run(self._single, p) for p in parts]
         else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sbir-ort")
             outs = list(self._pool.map(lambda p: self._run(self._per_image, p), parts))
         return torch.from_numpy(np.concatenate(outs))
 

@@ -47,6 +47,7 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
         max_queue=settings.max_queue,
         on_batch=metrics.observe_batch,
         on_start=lambda: configure_threads(settings),
+        workers=settings.batch_workers,
     )
     metrics.track_queue(batcher.depth)
     service = Service(

@@ -7,6 +7,10 @@ more with the same key, runs `run_batch(key, payloads)` once, and resolves every
 
 Callers announce requests that will submit soon (`incoming`, e.g. while they decode); the worker
 waits for more only while some are announced, so a lone request never waits for company.
+
+With `workers` > 1, that many threads gather and run batches from the same queue, so a batch can
+start while the one before it finishes: on a CPU encoder that runs each image on its own core, the
+cores would otherwise idle while the last images of a batch, its search and its metadata lookup run.
 """
 
 from __future__ import annotations
@@ -81,15 +85,21 @@ class MicroBatcher:
         on_batch: Callable[[int, float], None] | None = None,
         on_start: Callable[[], None] | None = None,
         name: str = "sbir-batcher",
+        workers: int = 1,
     ):
         assert max_batch >= 1 and max_wait_s >= 0 and max_queue >= 1, "batch limits must be positive"
+        assert workers >= 1, "at least one worker thread"
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        # Unbounded, so that stop signals never block; `enqueue` enforces max_queue for items.
+        self._queue: queue.Queue = queue.Queue()
+        self.max_queue = max_queue
         self._on_batch = on_batch
         self._on_start = on_start
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        names = [name] if workers == 1 else [f"{name}-{i}" for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, name=n, daemon=True) for n in names]
+        self._running = 0  # worker threads that have not exited (under _lifecycle)
         self._stopped = False
         self._stop_reason = "the service is shutting down"
         self._lifecycle = threading.Lock()
@@ -105,7 +115,10 @@ class MicroBatcher:
             self._incoming -= 1
 
     def start(self) -> None:
-        self._thread.start()
+        with self._lifecycle:
+            self._running = len(self._threads)
+        for thread in self._threads:
+            thread.start()
 
     def depth(self) -> int:
         """Items waiting for a batch (approximate, as any queue size read from another thread)."""
@@ -122,12 +135,9 @@ class MicroBatcher:
         with self._lifecycle:  # never queue behind a worker that has exited: the item would wait forever
             if self._stopped:
                 raise BatcherStopped(self._stop_reason)
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                raise QueueFull(
-                    f"{self._queue.maxsize} requests are already waiting for the encoder"
-                ) from None
+            if self._queue.qsize() >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting for the encoder")
+            self._queue.put_nowait(item)
         return item.future
 
     async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
@@ -136,18 +146,21 @@ class MicroBatcher:
 
     @property
     def alive(self) -> bool:
-        """The worker is running and accepting items."""
-        return self._thread.is_alive() and not self._stopped
+        """Every worker is running and accepting items."""
+        return not self._stopped and all(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Let queued items finish, then end the worker thread."""
+        """Let queued items finish, then end the worker threads."""
         with self._lifecycle:
             if self._stopped:
                 return
             self._stopped = True
-        if self._thread.is_alive():
+        live = [t for t in self._threads if t.is_alive()]
+        for _ in live:  # one stop signal per worker, behind everything already queued
             self._queue.put(_STOP)
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in live:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- worker thread ----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -162,8 +175,14 @@ class MicroBatcher:
             with self._lifecycle:
                 self._stopped = True
                 self._stop_reason = "the encoder worker stopped (see the server log)"
+            for _ in self._threads[1:]:  # the other workers finish what is queued, then stop too
+                self._queue.put(_STOP)
         finally:
-            self._fail_leftovers()
+            with self._lifecycle:
+                self._running -= 1
+                last = self._running == 0
+            if last:  # other workers still serve what is queued; the last one fails what is left
+                self._fail_leftovers()
 
     def _serve(self) -> None:
         carried: _Item | None = None

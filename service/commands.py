@@ -20,6 +20,7 @@ _FLAGS = (
     ("--default-k", int, "k when the client gives none (default 24)"),
     ("--max-batch", int, "most sketches per forward pass (default 16)"),
     ("--max-wait-ms", float, "longest a sketch waits for others to batch with (default 4)"),
+    ("--batch-workers", int, "batches in flight at once (default 2)"),
     ("--max-queue", int, "searches in progress before 503s (default 256)"),
     ("--decode-threads", int, "threads decoding uploads (default 2)"),
     ("--torch-threads", int, "encoder threads on the CPU, torch's or onnxruntime's (default: all cores)"),

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         4.0, ge=0, le=1000, description="longest a sketch waits for others to join its batch"
     )
+    batch_workers: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="batches in flight at once: with 2, a batch starts while the one before it finishes "
+        "its last images, its search and its metadata (docs/SERVICE.md)",
+    )
     max_queue: int = Field(
         256,
         ge=1,

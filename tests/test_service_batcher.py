@@ -219,7 +219,7 @@ def test_a_dead_worker_fails_requests_instead_of_leaving_them_waiting():
 
     b = MicroBatcher(Recorder(), max_batch=2, max_wait_s=0.0, max_queue=4, on_start=broken_setup)
     b.start()
-    b._thread.join(5)
+    b._threads[0].join(5)
     assert not b.alive
 
     async def main():
@@ -227,3 +227,67 @@ def test_a_dead_worker_fails_requests_instead_of_leaving_them_waiting():
 
     with pytest.raises(BatcherStopped, match="worker stopped"):
         run(main())
+
+
+def test_two_workers_run_two_batches_at_once():
+    """With workers=2 a batch starts while the one before it is still running."""
+    both_running = threading.Barrier(2, timeout=5)
+    rec = Recorder()
+
+    def run_batch(key, payloads):
+        both_running.wait()  # breaks (and fails the batch) unless another batch runs at the same time
+        return rec(key, payloads)
+
+    b = MicroBatcher(run_batch, max_batch=1, max_wait_s=0.0, max_queue=8, workers=2)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(b.submit("k", 1), b.submit("k", 2))
+
+    results = run(main())
+    b.stop()
+    assert [r for r, _ in results] == [2, 4]
+    assert rec.threads == {"sbir-batcher-0", "sbir-batcher-1"}
+    assert not any(t.is_alive() for t in b._threads)
+
+
+def test_stopping_two_workers_finishes_everything_queued():
+    rec = Recorder(delay=0.02)
+    b = MicroBatcher(rec, max_batch=2, max_wait_s=0.0, max_queue=32, workers=2)
+    b.start()
+
+    async def main():
+        waiting = [b.enqueue("k", i) for i in range(10)]
+        await asyncio.to_thread(b.stop)  # queued items run before the workers exit
+        return await asyncio.gather(*waiting)
+
+    results = run(main())
+    assert sorted(r for r, _ in results) == [2 * i for i in range(10)]
+    assert not any(t.is_alive() for t in b._threads) and not b.alive
+
+
+def test_one_dead_worker_of_two_stops_the_batcher_without_losing_queued_requests():
+    calls = []
+
+    def fails_once():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("bad thread setting")
+
+    rec = Recorder(delay=0.05)
+    b = MicroBatcher(rec, max_batch=1, max_wait_s=0.0, max_queue=8, on_start=fails_once, workers=2)
+
+    async def main():
+        waiting = [b.enqueue("k", i) for i in range(3)]  # queued before the workers start
+        b.start()
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=10)
+        with pytest.raises(BatcherStopped, match="worker stopped"):
+            b.enqueue("k", 9)
+        return results
+
+    results = run(main())
+    for t in b._threads:
+        t.join(5)
+    assert not b.alive and not any(t.is_alive() for t in b._threads)
+    # the surviving worker served what was queued (none waits forever, none is lost)
+    assert sorted(r for r, _ in results) == [0, 2, 4]
