@@ -313,8 +313,8 @@ class OnnxRuntimeNet:
     """The backbone exported to ONNX (in memory, never written) and run by onnxruntime's CPU provider.
 
     Its input is the preprocessed image's pixels (uint8, or float32 in 0..255): the normalisation is
-    the graph's first two nodes, so a batch is never copied to float and normalised in Python
-    (measured: that took about 2 ms of CPU per image beside a 36 ms forward).
+    the graph's first two nodes, and each image is only cast to float32 on its way in (normalising
+    the batch in torch took about 2 ms of CPU per image beside a 36 ms forward).
 
     On a 2-core x86 CPU it ran EfficientNet-Lite2 about 2.6x faster than torch's own CPU path (fused
     batch norms, channels-last, micro-batches), with features equal to about 1e-5 (docs/BENCHMARKS.md).
