@@ -62,9 +62,9 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=256,
-        description="OpenMP threads of the FAISS search (unset: faiss's default, all cores). One by default: "
-        "the search of a batch is short and the encoder and decoding keep the other cores busy; OpenMP "
-        "threads that wait for a busy core stall the whole batch (docs/SERVICE.md)",
+        description="OpenMP threads of the FAISS search. One by default: the search of a batch is short and "
+        "the encoder and decoding keep the other cores busy; OpenMP threads that wait for a busy core "
+        "stall the whole batch (docs/SERVICE.md)",
     )
     reload_interval_s: float = Field(
         2.0, ge=0, description="how often ROOT/CURRENT is polled for a new snapshot (0: never)"
