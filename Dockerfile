@@ -42,13 +42,24 @@ ENV PATH=/opt/sbir/bin:$PATH \
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone (the packages as empty stubs), so that a code
-# change reuses this layer and does not reinstall torch.
+# Dependencies first, from pyproject.toml alone, so that a code change reuses these layers and does
+# not reinstall torch. Two layers: torch and torchvision at pyproject's pins with their CUDA wheels
+# (about 4.5 GB), then everything else (about 1.1 GB). The builder holds a layer twice while it
+# commits it, so two layers need less free disk than one (measured in docs/BENCHMARKS.md), and a
+# change to another dependency does not reinstall torch. The CPU image (EXTRAS=cpu) leaves out
+# triton (0.9 GB): it compiles GPU kernels for torch.compile, which nothing here uses; pip puts it
+# back as torch's dependency in each step, so each step removes it again.
 COPY pyproject.toml ./
+# (SC2086: the two pins are meant to split into two arguments.)
+# hadolint ignore=DL3013,SC2086
+RUN pins=$(python3 -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; pins = [d for d in deps if re.split(r'[^A-Za-z0-9_.-]', d)[0] in ('torch', 'torchvision')]; assert len(pins) == 2, pins; print(' '.join(pins))") \
+    && pip install ${pins} \
+    && if [ "${EXTRAS}" = cpu ]; then pip uninstall -y triton; fi
 # hadolint ignore=DL3013
 RUN mkdir -p sbir model index_builder service \
     && touch README.md sbir/__init__.py model/__init__.py index_builder/__init__.py service/__init__.py \
     && pip install ".[${EXTRAS}]" \
+    && if [ "${EXTRAS}" = cpu ]; then pip uninstall -y triton; fi \
     && pip uninstall -y sbir \
     && rm -rf /src/*
 

@@ -152,9 +152,19 @@ if [ -n "$EXTRA_INDEX" ]; then
   echo "local package indexes for the build:$EXTRA_INDEX"
 fi
 
+# The legacy builder holds a layer twice while it commits it: the build needs several GB free where
+# Docker keeps its data (peak measured in docs/BENCHMARKS.md). Fail here, with the numbers, rather
+# than with a broken pipe in dockerd's log halfway through the build.
+DOCKER_ROOT=$(docker info -f '{{.DockerRootDir}}')
+FREE_MB=$(df -Pm "$DOCKER_ROOT" | awk 'NR == 2 { print $4 }')
+NEED_MB=${SBIR_SMOKE_NEED_MB:-10500}
+echo "free disk for $DOCKER_ROOT: $FREE_MB MB (the build needs about $NEED_MB MB)"
+[ "$FREE_MB" -ge "$NEED_MB" ] || fail "only $FREE_MB MB free for $DOCKER_ROOT, the image build needs about $NEED_MB MB \
+(SBIR_SMOKE_NEED_MB overrides; \`docker system df\` shows what Docker itself holds)"
+
 log "docker build ($IMAGE on $BASE, EXTRAS=cpu)"
 t=$(now)
-docker build --network host "${BUILD_ARGS[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+docker build --force-rm --network host "${BUILD_ARGS[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log"; fail "docker build"; }
 grep -E '^faiss ' "$WORK/build.log" || true
 T[build]=$(since "$t")
@@ -167,7 +177,7 @@ t=$(now)
 mkdir -p "$WORK/ctx"
 cp -a Dockerfile .dockerignore pyproject.toml README.md sbir model index_builder service "$WORK/ctx/"
 echo "# touched by the smoke test" >>"$WORK/ctx/sbir/__init__.py"
-docker build --network host "${BUILD_ARGS[@]}" -t "$IMAGE-touched" "$WORK/ctx" >"$WORK/rebuild.log" 2>&1 \
+docker build --force-rm --network host "${BUILD_ARGS[@]}" -t "$IMAGE-touched" "$WORK/ctx" >"$WORK/rebuild.log" 2>&1 \
   || { tail -40 "$WORK/rebuild.log"; fail "rebuild"; }
 # the step after the dependency install's must come from the cache
 if ! awk '/^Step .*pip uninstall -y sbir/ { getline; found = /Using cache/ } END { exit !found }' \
