@@ -381,6 +381,7 @@ class Backbone(nn.Module):
             p.requires_grad_(False)
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
+        self.finetuned: dict | None = None  # {"tensors", "sha256", ...} when tuned tensors replaced some
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
@@ -474,7 +475,7 @@ class Backbone(nn.Module):
             "dim": self.dim,
             "weights_sha256": self.weights_sha256,
             "weights_file": self.weights_path.name,
-        }
+        } | ({"finetuned": self.finetuned} if self.finetuned else {})
 
     @property
     def cpu_runtime(self) -> str:
@@ -499,12 +500,15 @@ def create_backbone(
     device: str | torch.device = "cpu",
     cpu_runtime: str | None = None,
     cpu_threads: int | None = None,
+    tuned: dict[str, torch.Tensor] | None = None,
+    tuned_info: dict | None = None,
 ) -> Backbone:
     """Build a frozen backbone by registry name; verify its weights' sha256 before loading them.
 
     `cpu_runtime` (default: $SBIR_CPU_RUNTIME, else "auto") picks how it runs on the CPU; see
     CPU_RUNTIMES. Features agree across runtimes to about 1e-5. `cpu_threads`: onnxruntime's threads
-    (default: torch's intra-op thread count).
+    (default: torch's intra-op thread count). `tuned`: fine-tuned tensors (`model.finetune`) that
+    replace some of the verified weights; `tuned_info` describes them (recorded in `describe()`).
     """
     spec = get_spec(name)
     cpu_runtime = cpu_runtime or os.environ.get("SBIR_CPU_RUNTIME") or "auto"
@@ -522,7 +526,14 @@ def create_backbone(
         if want and digest != want:
             raise WeightsError(f"{weights_path} has sha256 {digest}, expected {want}")
     net = spec.build(weights_path)
-    bb = Backbone(spec, net, weights_path, digest).to(device)
+    if tuned:
+        from model.finetune import apply_state, tensors_sha256
+
+        apply_state(net, tuned)
+    bb = Backbone(spec, net, weights_path, digest)
+    if tuned:
+        bb.finetuned = dict(tuned_info or {}) | {"tensors": len(tuned), "sha256": tensors_sha256(tuned)}
+    bb = bb.to(device)
     if torch.device(device).type == "cpu":
         bb.net.to(memory_format=torch.channels_last)
         bb.optimise_for_cpu()

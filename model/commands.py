@@ -60,6 +60,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
     t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
     t.add_argument("--threads", type=int, default=0)
+    f = t.add_argument_group(
+        "fine-tuning (off by default; meant for GPU hosts)",
+        "Train the backbone's last N blocks with class labels first (model/finetune.py), then the adapter and "
+        "IIAE on the tuned features. Needs the dataset's images and the frozen backbone's feature cache.",
+    )
+    f.add_argument("--finetune-blocks", type=int, default=0, metavar="N",
+                   help="tune the last N blocks and the head convolution (0: frozen backbone)")
+    f.add_argument("--finetune-lr", type=float, default=1e-4, help="the tuned blocks' learning rate")
+    f.add_argument("--finetune-epochs", type=int, default=8, help="maximum epochs (best on val is kept)")
+    f.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    f.add_argument("--workers", type=int, default=1, help="decoding processes for the frozen blocks' pass")
+    f.add_argument("--backbone-weights", type=Path, help="local weights file (torchvision:ARCH backbones)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -144,7 +156,17 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
                       rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
                       peer=not args.no_peer, refit=not args.no_refit)
-    summary = train_all(fs, records, split, cfg, args.out)
+    if args.finetune_blocks:
+        from model.finetune import FinetuneConfig, finetune_and_train
+
+        fcfg = FinetuneConfig(blocks=args.finetune_blocks, lr=args.finetune_lr, max_epochs=args.finetune_epochs)
+        try:
+            summary = finetune_and_train(args.dataset, records, fs, split, cfg, fcfg, args.out, device=args.device,
+                                         backbone_weights=args.backbone_weights, workers=args.workers)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        summary = train_all(fs, records, split, cfg, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -46,6 +46,18 @@ class FeatureSet:
         """Row indices whose record is in `records` and view in `views`."""
         return np.flatnonzero(np.isin(self.record, records) & np.isin(self.view, list(views)))
 
+    def save(self, path: str | Path) -> None:
+        """Write the set (features, rows, meta) atomically to a directory that `load` reads."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"feats": np.ascontiguousarray(self.feats, np.float32), "record": self.record.astype(np.int64),
+                   "view": self.view.astype(np.int64)}, str(path / (FEATURES_FILE + ".tmp")))
+        os.replace(path / (FEATURES_FILE + ".tmp"), path / FEATURES_FILE)
+        (path / (META_FILE + ".tmp")).write_text(json.dumps(self.meta, indent=2) + "\n")
+        os.replace(path / (META_FILE + ".tmp"), path / META_FILE)
+
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
         from safetensors.numpy import load_file

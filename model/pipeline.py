@@ -64,6 +64,8 @@ class SBIRModel:
         self.adapter = adapter.to(self.device).eval()
         self.iiae = iiae.to(self.device).eval()
         self.config = config
+        # fine-tuned backbone tensors (model.finetune.PREFIX-named), saved beside adapter and IIAE
+        self.backbone_tensors: dict[str, torch.Tensor] = {}
         self.embedding = config.get("embedding", "iiae")
         assert self.embedding in EMBEDDINGS, f"unknown embedding {self.embedding!r}"
         self.sha256: str | None = None
@@ -129,6 +131,7 @@ class SBIRModel:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         tensors.update({f"iiae.{k}": v.detach().cpu().contiguous() for k, v in self.iiae.state_dict().items()})
+        tensors.update(self.backbone_tensors)
         config = dict(self.config)
         config["format"] = FORMAT
         config["adapter"] = self.adapter.cfg.to_dict()
@@ -173,16 +176,27 @@ class SBIRModel:
         adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
         iiae = IIAE(IIAEConfig(**config["iiae"]))
         iiae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("iiae.")})
+        from model.finetune import PREFIX, tensors_sha256
+
+        tuned = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
+        tuned_info = config.get("backbone", {}).get("finetuned")
+        if tuned_info and tensors_sha256(tuned) != tuned_info.get("sha256"):
+            raise UserError(f"{ckpt_dir}: the fine-tuned backbone tensors do not match the config's sha256")
         backbone = None
         if with_backbone:
             bb = config["backbone"]
-            backbone = create_backbone(
-                bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"],
-                # onnxruntime is the CPU path only: on a GPU the backbone runs in torch
-                cpu_runtime=cpu_runtime if resolve_device(device).type == "cpu" else "torch",
-                cpu_threads=cpu_threads,
-            )
+            try:
+                backbone = create_backbone(
+                    bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"],
+                    # onnxruntime is the CPU path only: on a GPU the backbone runs in torch
+                    cpu_runtime=cpu_runtime if resolve_device(device).type == "cpu" else "torch",
+                    cpu_threads=cpu_threads, tuned=tuned or None,
+                    tuned_info={k: v for k, v in (tuned_info or {}).items() if k not in ("tensors", "sha256")},
+                )
+            except ValueError as exc:  # tuned tensors that do not fit the backbone
+                raise UserError(f"{ckpt_dir}: {exc}") from None
         model = cls(backbone, adapter, iiae, config, device=device)
+        model.backbone_tensors = tuned
         model.sha256 = checkpoint_sha256(ckpt_dir)
         return model
 

@@ -354,8 +354,14 @@ def train_all(
     cfg: TrainConfig,
     out_dir: str | Path,
     backbone=None,
+    backbone_tensors: dict | None = None,
+    extra_training: dict | None = None,
 ) -> dict:
-    """Train adapter, IIAE (and the peer); save the checkpoint under out_dir/model. Returns a summary."""
+    """Train adapter, IIAE (and the peer); save the checkpoint under out_dir/model. Returns a summary.
+
+    `backbone_tensors`: fine-tuned backbone tensors (model.finetune) that produced `fs`, saved in the
+    checkpoint; `extra_training`: more entries for the config's "training" record.
+    """
     from model.pipeline import SBIRModel
 
     out_dir = Path(out_dir)
@@ -412,9 +418,10 @@ def train_all(
             "counts": td.counts,
             "selected": {"adapter_epoch": a_info["selected_epoch"], "iiae_step": i_info["selected_step"]},
             "val_mAP": {"adapter": a_info["val_mAP"], "iiae": i_info["val_mAP"]},
-        },
+        } | (extra_training or {}),
     }
     model = SBIRModel(backbone, adapter, iiae, config, device="cpu")
+    model.backbone_tensors = dict(backbone_tensors or {})
     if backbone is None:
         config["backbone"] = fs.meta["plan"]["backbone"]
     sha = model.save(out_dir / "model")
