@@ -42,11 +42,12 @@ test: lint
 test-slow: $(VENV)/.installed
 	$(BIN)/pytest -m slow
 
-# docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds.
+# docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds. TRAIN_FLAGS adds
+# `sbir train` flags, e.g. TRAIN_FLAGS="--finetune-blocks 6" RUNS=runs/emoji-ft on a GPU host.
 bench-accuracy: $(VENV)/.installed
 	$(BIN)/sbir data emoji $(DATA)
 	$(BIN)/sbir features $(DATA)
-	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s || exit 1; done
+	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s $(TRAIN_FLAGS) || exit 1; done
 	$(BIN)/sbir eval $(DATA) --runs $(foreach s,$(SEEDS),$(RUNS)/seed$(s)) --out $(RUNS)
 
 # Docker deployment (docs/DEPLOY.md): installs Debian's Docker engine, builds the image on a local
