@@ -254,7 +254,7 @@ def finetune_top(
     `td` is model.train.TrainData of the frozen features (labels, parts, domains of the same rows as
     `maps`). The epoch with the best validation-class mAP of the adapter's embedding is kept.
     """
-    from model.train import val_map
+    from model.train import balanced_batch, class_loss, val_map
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 3)
@@ -299,14 +299,9 @@ def finetune_top(
         head.train()
         losses = []
         for _ in range(steps):
-            bs = rng.choice(sk, fcfg.batch, replace=len(sk) < fcfg.batch)
-            bp = rng.choice(ph, fcfg.batch, replace=len(ph) < fcfg.batch)
-            x = maps[np.concatenate([bs, bp])].to(device).float()
-            f = top(x)
-            loss = 0.5 * (
-                F.cross_entropy(head(adapter(f[: len(bs)], "sketch")), labels[bs], label_smoothing=cfg.label_smoothing)
-                + F.cross_entropy(head(adapter(f[len(bs):], "photo")), labels[bp], label_smoothing=cfg.label_smoothing)
-            )
+            bs, bp = balanced_batch(rng, sk, ph, fcfg.batch)
+            f = top(maps[np.concatenate([bs, bp])].to(device).float())
+            loss = class_loss(head, adapter, f[: len(bs)], f[len(bs):], labels[bs], labels[bp], cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

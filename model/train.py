@@ -147,6 +147,19 @@ def _state(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def balanced_batch(rng: np.random.Generator, sk: np.ndarray, ph: np.ndarray, batch: int):
+    """`batch` training sketch rows and `batch` photo rows (with replacement only if too few)."""
+    return (rng.choice(sk, batch, replace=len(sk) < batch), rng.choice(ph, batch, replace=len(ph) < batch))
+
+
+def class_loss(head: nn.Module, adapter: FeatureAdapter, f_s, f_p, y_s, y_p, label_smoothing: float):
+    """The adapter's objective: mean of the two domains' cross-entropies over the training classes."""
+    return 0.5 * (
+        F.cross_entropy(head(adapter(f_s, "sketch")), y_s, label_smoothing=label_smoothing)
+        + F.cross_entropy(head(adapter(f_p, "photo")), y_p, label_smoothing=label_smoothing)
+    )
+
+
 def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: int | None = None) -> tuple[FeatureAdapter, dict]:
     """Early-stopped on validation mAP; with `stop_at`, exactly that many epochs and no validation."""
     torch.manual_seed(cfg.seed)
@@ -179,14 +192,8 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: int | None = No
         head.train()
         losses = []
         for _ in range(steps_per_epoch):
-            bs = rng.choice(sk, cfg.adapter_batch, replace=len(sk) < cfg.adapter_batch)
-            bp = rng.choice(ph, cfg.adapter_batch, replace=len(ph) < cfg.adapter_batch)
-            logits_s = head(adapter(td.feats[bs], "sketch"))
-            logits_p = head(adapter(td.feats[bp], "photo"))
-            loss = 0.5 * (
-                F.cross_entropy(logits_s, labels[bs], label_smoothing=cfg.label_smoothing)
-                + F.cross_entropy(logits_p, labels[bp], label_smoothing=cfg.label_smoothing)
-            )
+            bs, bp = balanced_batch(rng, sk, ph, cfg.adapter_batch)
+            loss = class_loss(head, adapter, td.feats[bs], td.feats[bp], labels[bs], labels[bp], cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
