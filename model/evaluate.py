@@ -102,15 +102,15 @@ def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised:
 
 
 def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: bool = False, **metric_kw) -> dict:
-    tuned = Path(run) / "features"
-    if (tuned / FEATURES_FILE).is_file():  # a fine-tuned backbone: every method reads its features
-        fs = FeatureSet.load(tuned)
+    tuned = (Path(run) / "features" / FEATURES_FILE).is_file()
+    if tuned:  # a fine-tuned backbone: every method reads its features
+        fs = FeatureSet.load(Path(run) / "features")
     model, enc = _encoders(run, fs)
     split = Split.from_json(model.config["training"]["split"])
     feats = torch.from_numpy(fs.feats).float()
     rows = _task_rows(fs, records, split, generalised, seed=split.seed or 0)
     results: dict = {"run": str(run), "split": split.name, "tasks": {},
-                     "backbone": "fine-tuned" if (tuned / FEATURES_FILE).is_file() else "frozen"}
+                     "backbone": "fine-tuned" if tuned else "frozen"}
     embeddings: dict = {}
     for task, (q, g, ql, gl) in rows.items():
         results["tasks"][task] = {}

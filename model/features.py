@@ -133,7 +133,6 @@ def extract_features(
     progress: bool = True,
 ) -> FeatureSet:
     """Compute (or finish computing) the feature cache of `records` under `out_dir`."""
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     root, out_dir = Path(root), Path(out_dir)
@@ -239,16 +238,11 @@ def extract_features(
     }
     meta = {"plan_id": plan_id, "plan": plan, "skipped": skipped, "speed": speed, "dim": backbone.dim}
     keep = ok_a
-    save_file(
-        {"feats": feats_a[keep], "record": job_a[keep, 0].copy(), "view": job_a[keep, 1].copy()},
-        str(out_dir / (FEATURES_FILE + ".tmp")),
-    )
-    os.replace(out_dir / (FEATURES_FILE + ".tmp"), out_dir / FEATURES_FILE)
-    (out_dir / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(out_dir / (META_FILE + ".tmp"), out_dir / META_FILE)
+    fs = FeatureSet(feats_a[keep], job_a[keep, 0].copy(), job_a[keep, 1].copy(), meta)
+    fs.save(out_dir)
     for f in work.iterdir():
         f.unlink()
     work.rmdir()
     if skipped:
         LOG.warning("%d images skipped (unreadable); listed in %s", len(skipped), out_dir / META_FILE)
-    return FeatureSet(feats_a[keep], job_a[keep, 0].copy(), job_a[keep, 1].copy(), meta)
+    return fs
