@@ -8,6 +8,7 @@ both domains, is trained with cross-entropy over the seen classes. Its output is
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,15 @@ class AdapterConfig:
     hidden_dim: int = 0  # 0: a single linear projection; >0: Linear-BN-ReLU-Linear
     dropout: float = 0.5  # on the standardised input, in training only
     eps: float = 1e-4
+    # What IIAE receives. "bn": the projection through a non-learned batch norm (unit variance per
+    # dimension). "l2": the same vector L2-normalised and scaled by sqrt(output_dim): its direction
+    # only, which is all the cosine classifier trains (the norm is untrained noise IIAE would
+    # otherwise spend its reconstruction on). The adapter's own training is identical either way.
+    output: str = "bn"
+
+    def __post_init__(self) -> None:
+        if self.output not in ("bn", "l2"):
+            raise ValueError(f"adapter output must be 'bn' or 'l2', not {self.output!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +71,10 @@ class FeatureAdapter(nn.Module):
         return (feats - getattr(self, f"{domain}_mean")) / getattr(self, f"{domain}_std")
 
     def forward(self, feats: torch.Tensor, domain: str) -> torch.Tensor:
-        return self.out_norm(self.proj(self.dropout(self.standardise(feats, domain))))
+        out = self.out_norm(self.proj(self.dropout(self.standardise(feats, domain))))
+        if self.cfg.output == "l2":
+            out = F.normalize(out, dim=-1) * math.sqrt(self.cfg.output_dim)
+        return out
 
 
 class CosineClassifier(nn.Module):

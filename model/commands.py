@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from model.defaults import DEFAULT_BACKBONE
+from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_BACKBONE
 from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--iiae-lr", type=float, default=1e-3, help="IIAE learning rate (the release: 2e-4)")
     t.add_argument("--pair-by", choices=["category", "instance"], default="instance",
                    help="IIAE pairs: same item (falls back to same class) or random same-class (the release)")
+    t.add_argument("--adapter-output", choices=["bn", "l2"], default=DEFAULT_ADAPTER_OUTPUT,
+                   help="what IIAE receives: the adapter's batch-normalised output (bn) or its direction only (l2)")
+    t.add_argument("--iiae-time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="stop IIAE's selection after this long, keeping its best step so far "
+                   "(0, the default: no limit; a limit makes the result depend on the machine's load)")
     t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
     t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
     t.add_argument("--threads", type=int, default=0)
@@ -155,7 +160,8 @@ def cmd_train(args) -> int:
     fs = _load_features(args)
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
                       rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
-                      peer=not args.no_peer, refit=not args.no_refit)
+                      adapter_output=args.adapter_output,
+                      time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit)
     if args.finetune_blocks:
         from model.finetune import FinetuneConfig, finetune_and_train
 

@@ -2,3 +2,6 @@
 
 # The backbone `sbir features`, `sbir train`, `sbir eval` and `sbir demo` use unless told otherwise.
 DEFAULT_BACKBONE = "efficientnet_lite2_ms"
+
+# What IIAE receives from the adapter (model/adapter.py, AdapterConfig.output): "bn" or "l2".
+DEFAULT_ADAPTER_OUTPUT = "l2"

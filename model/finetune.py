@@ -262,7 +262,8 @@ def finetune_top(
     sk = np.flatnonzero(train & (td.domain == 0))
     ph = np.flatnonzero(train & (td.domain == 1))
     adapter = FeatureAdapter(AdapterConfig(input_dim=td.feats.shape[1], output_dim=cfg.adapter_dim,
-                                           hidden_dim=cfg.adapter_hidden, dropout=cfg.adapter_dropout))
+                                           hidden_dim=cfg.adapter_hidden, dropout=cfg.adapter_dropout,
+                                           output=cfg.adapter_output))
     adapter.fit_standardisation(td.feats[sk], "sketch")
     adapter.fit_standardisation(td.feats[ph], "photo")
     head = CosineClassifier(cfg.adapter_dim, len(td.classes))

@@ -21,6 +21,7 @@ from torch import nn
 
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
 from model.data.dataset import Record, Split
+from model.defaults import DEFAULT_ADAPTER_OUTPUT
 from model.features import EDGE_VIEW, FeatureSet
 from model.iiae import IIAE, IIAEConfig
 from model.metrics import evaluate_retrieval
@@ -35,6 +36,7 @@ class TrainConfig:
     adapter_dim: int = 512
     adapter_hidden: int = 0
     adapter_dropout: float = 0.5
+    adapter_output: str = DEFAULT_ADAPTER_OUTPUT  # what IIAE receives: "bn" or "l2" (model/adapter.py, AdapterConfig.output)
     adapter_lr: float = 1e-3
     adapter_weight_decay: float = 1e-3
     adapter_batch: int = 128
@@ -60,7 +62,10 @@ class TrainConfig:
     # which output is the served embedding; "iiae" unless IIAE is switched off
     embedding: str = "iiae"
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
-    time_budget_s: float = 280.0  # stop IIAE early (keeping the best step) beyond this
+    # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
+    # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
+    # beside other jobs once stopped at step 500 of 3,000), and a seed must give the same model.
+    time_budget_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,7 +172,7 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: int | None = No
     dim = td.feats.shape[1]
     adapter = FeatureAdapter(
         AdapterConfig(input_dim=dim, output_dim=cfg.adapter_dim, hidden_dim=cfg.adapter_hidden,
-                      dropout=cfg.adapter_dropout)
+                      dropout=cfg.adapter_dropout, output=cfg.adapter_output)
     )
     train = td.label >= 0
     sk = np.flatnonzero(train & (td.domain == 0))
@@ -300,8 +305,9 @@ def train_iiae(
             log({"stage": "iiae", "step": step, "val_mAP": round(vm, 4)})
             if vm > best[0]:
                 best = (vm, step, _state(model))
-            if time.perf_counter() - start > cfg.time_budget_s:
+            if cfg.time_budget_s > 0 and time.perf_counter() - start > cfg.time_budget_s:
                 LOG.warning("IIAE time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+                log({"stage": "iiae", "step": step, "stopped": "time budget", "budget_s": cfg.time_budget_s})
                 break
     model.load_state_dict(best[2])
     model.eval()
