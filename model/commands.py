@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_BACKBONE
+from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_BACKBONE, DEFAULT_IIAE_EMA
 from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--rec-weight", type=float, default=10.0, help="weight of each reconstruction MSE (the release: 10)")
     t.add_argument("--iiae-steps", type=int, default=3000, help="maximum IIAE steps (best on val is kept)")
     t.add_argument("--iiae-lr", type=float, default=1e-3, help="IIAE learning rate (the release: 2e-4)")
+    t.add_argument("--iiae-ema", type=float, default=DEFAULT_IIAE_EMA, metavar="DECAY",
+                   help="validate and keep a moving average of IIAE's weights with this decay (0: the raw weights)")
     t.add_argument("--pair-by", choices=["category", "instance"], default="instance",
                    help="IIAE pairs: same item (falls back to same class) or random same-class (the release)")
     t.add_argument("--adapter-output", choices=["bn", "l2"], default=DEFAULT_ADAPTER_OUTPUT,
@@ -160,7 +162,7 @@ def cmd_train(args) -> int:
     fs = _load_features(args)
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
                       rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
-                      adapter_output=args.adapter_output,
+                      iiae_ema=args.iiae_ema, adapter_output=args.adapter_output,
                       time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit)
     if args.finetune_blocks:
         from model.finetune import FinetuneConfig, finetune_and_train

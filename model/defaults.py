@@ -5,3 +5,6 @@ DEFAULT_BACKBONE = "efficientnet_lite2_ms"
 
 # What IIAE receives from the adapter (model/adapter.py, AdapterConfig.output): "bn" or "l2".
 DEFAULT_ADAPTER_OUTPUT = "l2"
+
+# Decay of the moving average of IIAE's weights that is validated, kept and served (0: the raw weights).
+DEFAULT_IIAE_EMA = 0.998

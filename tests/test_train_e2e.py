@@ -77,3 +77,28 @@ def test_training_is_deterministic_under_a_seed(trained, tmp_path):
     assert again["model_sha256"] != ""
     assert again["iiae"]["selected_step"] == summary["iiae"]["selected_step"]
     assert again["iiae"]["val_mAP"] == pytest.approx(summary["iiae"]["val_mAP"])
+
+
+def test_iiae_keeps_the_moving_average_of_its_weights():
+    """With iiae_ema = d, the kept weights (batch-norm statistics too) are the EMA of the raw ones."""
+    import torch
+
+    from model.train import prepare, train_iiae
+
+    fs, records, split = synthetic(n_classes=8)
+    td = prepare(fs, records, split)
+    a = td.feats
+    quiet = lambda entry: None  # noqa: E731
+    raw = [train_iiae(td, a, TrainConfig(latent_dim=8, iiae_ema=0.0), quiet, stop_at=n)[0].state_dict()
+           for n in (1, 2)]
+    d = 0.75
+    ema = train_iiae(td, a, TrainConfig(latent_dim=8, iiae_ema=d), quiet, stop_at=2)[0].state_dict()
+    changed = 0
+    for k, v in ema.items():
+        if not v.is_floating_point():
+            continue
+        torch.testing.assert_close(v, d * raw[0][k] + (1 - d) * raw[1][k])
+        changed += not torch.allclose(v, raw[1][k])
+    assert changed > 10  # the average is not simply the last weights
+    with pytest.raises(ValueError, match="iiae_ema"):
+        train_iiae(td, a, TrainConfig(iiae_ema=1.0), quiet, stop_at=1)
