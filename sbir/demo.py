@@ -22,7 +22,7 @@ LOG = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="build data, train, index and serve the emoji demo (cached; first run about 11 min on 2 cores)",
+        help="build data, train, index and serve the emoji demo (cached; first run about 10 min on 2 cores)",
         description="One command from nothing to a running search service on the built-in emoji benchmark.",
     )
     p.add_argument("--data", type=Path, default=Path("data/emoji"), help="dataset directory")
@@ -57,17 +57,31 @@ def _features(data: Path, records, sketch_views: int):
     return extract_features(data, records, backbone, out, sketch_views=sketch_views, edge_artists=()), out
 
 
+def cached_model_state(model_dir: Path, split, features_plan: dict | None, train_config: dict) -> str:
+    """"reuse" when model_dir holds a model trained on this split and these features with these
+    settings; "settings" when only the settings differ (the defaults changed since); else "missing"."""
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        return "missing"
+    trained = json.loads(cfg_path.read_text()).get("training", {})
+    if trained.get("split") != split.to_dict() or trained.get("features") != features_plan:
+        return "missing"
+    # through JSON, as the checkpoint stored it
+    return "reuse" if trained.get("config") == json.loads(json.dumps(train_config)) else "settings"
+
+
 def _train(data: Path, work: Path, records, split, fs) -> Path:
     from model.train import TrainConfig, train_all
 
     model_dir = work / "model"
-    cfg_path = model_dir / "config.json"
-    if cfg_path.is_file():
-        trained = json.loads(cfg_path.read_text()).get("training", {})
-        if trained.get("split") == split.to_dict() and trained.get("features") == fs.meta.get("plan"):
-            print(f"      reusing the model in {model_dir} (trained on the same split and features)")
-            return model_dir
-    summary = train_all(fs, records, split, TrainConfig(peer=False), work)
+    cfg = TrainConfig(peer=False)
+    state = cached_model_state(model_dir, split, fs.meta.get("plan"), cfg.to_dict())
+    if state == "reuse":
+        print(f"      reusing the model in {model_dir} (trained on the same split, features and settings)")
+        return model_dir
+    if state == "settings":
+        print(f"      the model in {model_dir} was trained with other settings than today's defaults: training again")
+    summary = train_all(fs, records, split, cfg, work)
     print(f"      validation mAP: adapter {summary['adapter']['val_mAP']:.3f}, IIAE {summary['iiae']['val_mAP']:.3f}"
           f" ({summary['seconds']['total']:.0f} s)")
     return model_dir
