@@ -132,6 +132,12 @@ def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
+def _span(counts: list[int]) -> str:
+    """"342", or "226-347" where split seeds hold different numbers of unseen images."""
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def aggregate(results: list[dict]) -> tuple[dict, str]:
     agg: dict = {}
     lines = []
@@ -140,8 +146,9 @@ def aggregate(results: list[dict]) -> tuple[dict, str]:
         if not present:
             continue
         metrics = ["mAP@all", "P@100", "P@1"] if task != "instance" else ["mAP@all", "P@1"]
-        lines.append(f"\n**{task}** ({present[0]['iiae']['n_queries']} queries x "
-                     f"{present[0]['iiae']['n_gallery']} gallery, {len(present)} run(s); mean ± std)\n")
+        lines.append(f"\n**{task}** ({_span([p['iiae']['n_queries'] for p in present])} queries x "
+                     f"{_span([p['iiae']['n_gallery'] for p in present])} gallery, {len(present)} run(s); "
+                     "mean ± std)\n")
         lines.append("| method | " + " | ".join(metrics) + " |")
         lines.append("|---" * (len(metrics) + 1) + "|")
         agg[task] = {}

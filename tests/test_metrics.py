@@ -57,3 +57,18 @@ def test_evaluate_retrieval_perfect_and_blocked():
     assert rep.precision[4] == pytest.approx(1.0)
     shuffled = evaluate_retrieval(q, np.arange(5), rng.normal(size=(20, 8)), labels, ks=(4,))
     assert shuffled.map_all < 0.8
+
+
+def test_aggregate_table_names_each_runs_counts_and_means_them():
+    from model.evaluate import aggregate
+
+    def run(n_q, n_g, m):
+        row = {"mAP@all": m, "P@100": m, "P@1": m, "n_queries": n_q, "n_gallery": n_g}
+        return {"tasks": {"category": {"iiae": row, "raw": dict(row, **{"mAP@all": m / 2})}}}
+
+    agg, table = aggregate([run(342, 1360, 0.4), run(226, 899, 0.2)])
+    assert "226-342 queries x 899-1360 gallery, 2 run(s)" in table
+    assert agg["category"]["iiae"]["mAP@all"]["mean"] == pytest.approx(0.3)
+    assert agg["category"]["raw"]["mAP@all"]["runs"] == [0.2, 0.1]
+    _, same = aggregate([run(342, 1360, 0.4), run(342, 1360, 0.2)])
+    assert "(342 queries x 1360 gallery, 2 run(s)" in same
