@@ -45,7 +45,7 @@ test-slow: $(VENV)/.installed
 # docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds. TRAIN_FLAGS adds
 # `sbir train` flags, e.g. TRAIN_FLAGS="--finetune-blocks 6" RUNS=runs/emoji-ft on a GPU host.
 bench-accuracy: $(VENV)/.installed
-	$(BIN)/sbir data emoji $(DATA)
+	$(BIN)/sbir data emoji $(DATA) --seeds $(SEEDS)
 	$(BIN)/sbir features $(DATA)
 	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s $(TRAIN_FLAGS) || exit 1; done
 	$(BIN)/sbir eval $(DATA) --runs $(foreach s,$(SEEDS),$(RUNS)/seed$(s)) --out $(RUNS)
