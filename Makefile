@@ -42,7 +42,8 @@ test: lint
 test-slow: $(VENV)/.installed
 	$(BIN)/pytest -m slow
 
-# docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds. TRAIN_FLAGS adds
+# docs/BENCHMARKS.md, accuracy table: emoji category task over three split seeds (SEEDS="0 1 ... 9"
+# for more: the ten-seed table). TRAIN_FLAGS adds
 # `sbir train` flags, e.g. TRAIN_FLAGS="--finetune-blocks 6" RUNS=runs/emoji-ft on a GPU host.
 bench-accuracy: $(VENV)/.installed
 	$(BIN)/sbir data emoji $(DATA) --seeds $(SEEDS)
