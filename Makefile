@@ -7,7 +7,7 @@ DATA ?= data/emoji
 RUNS ?= runs/emoji
 SEEDS ?= 0 1 2
 
-.PHONY: demo test test-slow lint bench-accuracy bench-features clean-venv docker-smoke
+.PHONY: demo test test-slow lint bench-accuracy bench-features check-drawings clean-venv docker-smoke
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-accuracy: $(VENV)/.installed
 	$(BIN)/sbir features $(DATA)
 	for s in $(SEEDS); do $(BIN)/sbir train $(DATA) --split category_seed$$s --seed $$s --out $(RUNS)/seed$$s $(TRAIN_FLAGS) || exit 1; done
 	$(BIN)/sbir eval $(DATA) --runs $(foreach s,$(SEEDS),$(RUNS)/seed$(s)) --out $(RUNS)
+
+# docs/img/drawings.png: twelve simple drawings sent as strokes to the demo model's service, the top 5
+# of each; fails unless at least 9 of 12 have a right emoji in the top 10 (benchmarks/drawings.py).
+check-drawings: $(VENV)/.installed
+	$(BIN)/sbir demo --data $(DATA) --no-serve
+	$(BIN)/python benchmarks/drawings.py --index runs/demo/index
 
 # Docker deployment (docs/DEPLOY.md): installs Debian's Docker engine, builds the image on a local
 # base, runs it, compose up, a reindex job through compose, compose down. As root; about 15 minutes.

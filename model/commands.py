@@ -31,6 +31,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sketch-views", type=int, default=3, help="random renders per sketch besides the original")
     p.add_argument("--edge-artists", nargs="*", default=["openmoji"],
                    help="photos by these artists also become edge-map queries (style-held-out check)")
+    p.add_argument("--no-stroke-norm", action="store_true",
+                   help="skip the stroke-normalised copy of every sketch row (models trained with it need it)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -64,6 +66,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--iiae-time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="stop IIAE's selection after this long, keeping its best step so far "
                    "(0, the default: no limit; a limit makes the result depend on the machine's load)")
+    t.add_argument("--no-stroke-norm", action="store_true",
+                   help="feed sketches as drawn, without stroke normalisation (docs/MODEL.md)")
+    t.add_argument("--norm-augment", action="store_true",
+                   help="with --no-stroke-norm: train on the normalised sketches too, query as drawn")
+    t.add_argument("--no-extra-styles", action="store_true",
+                   help="train on the core sketches only, not on the dataset's extra style sets (they still validate)")
     t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
     t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
     t.add_argument("--threads", type=int, default=0)
@@ -96,6 +104,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--precision", choices=["hits/k", "hits/min(k,rel)"], default="hits/k")
     e.add_argument("--map-at-k", choices=["topk", "capped", "divk"], default="topk")
     e.add_argument("--no-figures", action="store_true")
+    e.add_argument("--on", choices=["unseen", "val"], default="unseen",
+                   help="classes to evaluate on: the unseen ones (the benchmark) or the split's validation "
+                        "classes (choosing settings; models trained with --no-refit)")
     e.set_defaults(func=cmd_eval)
 
 
@@ -127,7 +138,7 @@ def cmd_features(args) -> int:
     out = args.out or default_features_dir(args.dataset, args.backbone)
     fs = extract_features(
         args.dataset, records, backbone, out, sketch_views=args.sketch_views, edge_artists=args.edge_artists,
-        seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+        stroke_norm=not args.no_stroke_norm, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
     )
     sp = fs.meta["speed"]
     print(f"features: {len(fs.feats)} rows x {fs.feats.shape[1]} in {out}")
@@ -163,7 +174,9 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
                       rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
                       iiae_ema=args.iiae_ema, adapter_output=args.adapter_output,
-                      time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit)
+                      time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit,
+                      stroke_norm=not args.no_stroke_norm, extra_styles=not args.no_extra_styles,
+                      norm_augment=args.norm_augment)
     if args.finetune_blocks:
         from model.finetune import FinetuneConfig, finetune_and_train
 
@@ -184,10 +197,13 @@ def cmd_eval(args) -> int:
 
     records = _dataset(args.dataset)
     fs = _load_features(args)
-    report = evaluate_runs(
-        args.dataset, records, fs, args.runs, out_dir=args.out or args.runs[0], generalised=args.generalised,
-        ties=args.ties, precision_variant=args.precision, map_variant=args.map_at_k,
-        figures=not args.no_figures,
-    )
+    try:
+        report = evaluate_runs(
+            args.dataset, records, fs, args.runs, out_dir=args.out or args.runs[0], generalised=args.generalised,
+            ties=args.ties, precision_variant=args.precision, map_variant=args.map_at_k,
+            figures=not args.no_figures, on=args.on,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     print(report["table_markdown"])
     return 0

@@ -27,21 +27,50 @@ from model.metrics import evaluate_retrieval, pr_curve, ranked_relevance
 LOG = logging.getLogger(__name__)
 
 METHODS = ("raw", "standardised", "adapter", "infonce", "iiae")
-TASKS = ("category", "category_cross_artist", "instance", "edge_maps")
 
 
-def _encoders(run: Path, fs: FeatureSet):
+# The untrained baselines read the images as they are; the trained methods read what their model
+# was trained on (stroke-normalised sketches where it says so).
+UNTRAINED = ("raw", "standardised")
+
+
+def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-domain mean and std of the raw features of the rows the model was trained on (the
+    adapter's own statistics when its sketches were not stroke-normalised)."""
+    from model.train import prepare
+
+    a = model.adapter
+    own = {d: (getattr(a, f"{d}_mean"), getattr(a, f"{d}_std")) for d in ("sketch", "photo")}
+    training = model.config["training"]
+    if not model.stroke_norm and not training.get("config", {}).get("norm_augment"):
+        return own
+    split = Split.from_json(training.get("trained_on", training["split"]))
+    extra = training.get("config", {}).get("extra_styles", True)
+    try:
+        td = prepare(fs_raw, records, split, stroke_norm=False, extra_styles=extra)
+    except ValueError:  # a fine-tuned run's cache: no raw sketch rows to measure
+        return own
+    out = {}
+    for d, name in ((0, "sketch"), (1, "photo")):
+        x = td.feats[(td.label >= 0) & (td.domain == d)]
+        out[name] = (x.mean(0), x.std(0).clamp_min(model.adapter.cfg.eps))
+    return out
+
+
+def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
     from model.pipeline import SBIRModel
     from model.train import InfoNCEPeer
 
     model = SBIRModel.load(run / "model", device="cpu", with_backbone=False)
     adapter = model.adapter
+    stats = _raw_statistics(fs_raw, records, model)
 
     def raw(x, domain):
         return F.normalize(x, dim=-1)
 
     def standardised(x, domain):
-        return F.normalize(adapter.standardise(x, domain), dim=-1)
+        mean, std = stats[domain]
+        return F.normalize((x - mean) / std, dim=-1)
 
     def adapted(x, domain):
         return F.normalize(adapter(x, domain), dim=-1)
@@ -63,27 +92,35 @@ def _encoders(run: Path, fs: FeatureSet):
     return model, enc
 
 
-def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised: bool, seed: int):
+def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised: bool, seed: int,
+               on: str = "unseen"):
+    """Query and gallery rows (and their labels) of every task; `fs` holds one sketch family.
+    `on` "val": the split's validation classes take the unseen classes' place everywhere, the
+    instance tasks' queries included (model selection, for models trained without them)."""
     gran = split.granularity
-    unseen = set(split.unseen)
+    unseen = set(split.unseen if on == "unseen" else split.val)
     seen = set(split.train) | set(split.val)
     rec_label = np.array([r.label(gran) for r in records])
     rec_cat = np.array([r.category for r in records])
     rec_inst = np.array([r.instance or r.path for r in records])
     rec_dom = np.array([r.domain for r in records])
     rec_artist = np.array([r.artist for r in records])
+    rec_style = np.array([r.style_set for r in records])
     row_label = rec_label[fs.record]
+    row_style = rec_style[fs.record]
+    row_dom = rec_dom[fs.record]
     is_unseen = np.isin(row_label, list(unseen))
     is_seen = np.isin(row_label, list(seen))
-    sketch_artists = set(rec_artist[rec_dom == "sketch"])
+    core = row_style == ""
+    sketch_artists = set(rec_artist[(rec_dom == "sketch") & (rec_style == "")])
     v0 = fs.view == 0
-    q = np.flatnonzero(is_unseen & v0 & (rec_dom[fs.record] == "sketch"))
-    g = np.flatnonzero(is_unseen & v0 & (rec_dom[fs.record] == "photo"))
-    edge_q = np.flatnonzero(is_unseen & (fs.view == EDGE_VIEW))
+    q = np.flatnonzero(core & is_unseen & v0 & (row_dom == "sketch"))
+    g = np.flatnonzero(core & is_unseen & v0 & (row_dom == "photo"))
+    edge_q = np.flatnonzero(core & is_unseen & (fs.view == EDGE_VIEW))
     if generalised:
         rng = np.random.default_rng(seed)
-        sq = np.flatnonzero(is_seen & v0 & (rec_dom[fs.record] == "sketch"))
-        sg = np.flatnonzero(is_seen & v0 & (rec_dom[fs.record] == "photo"))
+        sq = np.flatnonzero(core & is_seen & v0 & (row_dom == "sketch"))
+        sg = np.flatnonzero(core & is_seen & v0 & (row_dom == "photo"))
         q = np.concatenate([q, rng.choice(sq, min(len(sq), round(0.2 * len(q))), replace=False)])
         g = np.concatenate([g, rng.choice(sg, min(len(sg), round(0.2 * len(g))), replace=False)])
     cross = g[~np.isin(rec_artist[fs.record[g]], list(sketch_artists))]
@@ -94,6 +131,23 @@ def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised:
         "instance": (q, g, "instance"),
         "edge_maps": (edge_q, cross, "category"),
     }
+    # Drawing styles: the dataset's style sets (a held-out one was never trained on) and the edge
+    # maps. Instance tasks rank every image of the style against every gallery image it may show
+    # (seen classes too: the style is what is new); category tasks keep to the unseen classes.
+    all_photos = np.flatnonzero(core & v0 & (row_dom == "photo"))
+    all_cross = all_photos[~np.isin(rec_artist[fs.record[all_photos]], list(sketch_artists))]
+    tasks["edge_maps/instance"] = (np.flatnonzero(core & (fs.view == EDGE_VIEW)), all_cross, "instance")
+    for style in sorted(set(row_style[row_style != ""])):
+        mine = (row_style == style) & v0
+        sq = np.flatnonzero(mine & (row_dom == "sketch"))
+        own_gallery = np.flatnonzero(mine & (row_dom == "photo"))
+        if len(own_gallery):  # line icons against their own colour versions
+            tasks[f"{style}/instance"] = (sq, own_gallery, "instance")
+            continue
+        tasks[f"{style}/instance"] = (sq if on == "unseen" else sq[is_unseen[sq]], all_photos, "instance")
+        tasks[f"{style}/category"] = (sq[is_unseen[sq]], g, "category")
+    if on != "unseen":
+        tasks["edge_maps/instance"] = (edge_q, all_cross, "instance")
     return {
         name: (qq, gg, label_of[lab][fs.record[qq]], label_of[lab][fs.record[gg]])
         for name, (qq, gg, lab) in tasks.items()
@@ -101,27 +155,54 @@ def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised:
     }
 
 
-def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: bool = False, **metric_kw) -> dict:
+def task_kind(task: str) -> str:
+    """"instance" or "category": which relevance a task's name stands for."""
+    return "instance" if task == "instance" or task.endswith("/instance") else "category"
+
+
+def style_of(task: str) -> str:
+    """The drawing style a task's queries are in ("openmoji"-style core sketches: "")."""
+    if "/" in task:
+        return task.split("/", 1)[0]
+    return "edge_maps" if task == "edge_maps" else ""
+
+
+def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: bool = False, on: str = "unseen",
+                 **metric_kw) -> dict:
     tuned = (Path(run) / "features" / FEATURES_FILE).is_file()
     if tuned:  # a fine-tuned backbone: every method reads its features
         fs = FeatureSet.load(Path(run) / "features")
-    model, enc = _encoders(run, fs)
+    fs_raw = fs.for_sketches(records, False)
+    model, enc = _encoders(run, fs_raw, records)
+    fs_model = fs.for_sketches(records, True) if model.stroke_norm else fs_raw
     split = Split.from_json(model.config["training"]["split"])
-    feats = torch.from_numpy(fs.feats).float()
-    rows = _task_rows(fs, records, split, generalised, seed=split.seed or 0)
-    results: dict = {"run": str(run), "split": split.name, "tasks": {},
-                     "backbone": "fine-tuned" if tuned else "frozen"}
+    if on == "val":
+        trained_on = Split.from_json(model.config["training"].get("trained_on", model.config["training"]["split"]))
+        if set(split.val) & set(trained_on.train) or not split.val:
+            raise ValueError(f"{run}: this model was trained on its validation classes (or has none): "
+                             "evaluating on them needs a model trained with --no-refit")
+    family = {}
+    for name, f in (("raw", fs_raw), ("model", fs_model)):
+        family[name] = (f, torch.from_numpy(f.feats).float(),
+                        _task_rows(f, records, split, generalised, seed=split.seed or 0, on=on))
+    results: dict = {"run": str(run), "split": split.name, "tasks": {}, "classes": on,
+                     "backbone": "fine-tuned" if tuned else "frozen", "stroke_norm": model.stroke_norm}
     embeddings: dict = {}
-    for task, (q, g, ql, gl) in rows.items():
+    for task in family["model"][2]:
         results["tasks"][task] = {}
         for method, fn in enc.items():
+            _f, feats, rows = family["raw" if method in UNTRAINED else "model"]
+            if task not in rows:  # a fine-tuned run's cache holds its model's sketch family only
+                _f, feats, rows = family["model"]
+            q, g, ql, gl = rows[task]
             with torch.no_grad():
                 qe = np.asarray(fn(feats[q], "sketch"))
                 ge = np.asarray(fn(feats[g], "photo"))
             rep = evaluate_retrieval(qe, ql, ge, gl, **metric_kw)
             results["tasks"][task][method] = rep.to_dict()
             embeddings[(task, method)] = (qe, ge)
-    results["_rows"] = rows
+    results["_rows"] = family["model"][2]
+    results["_fs"] = fs_model
     results["_embeddings"] = embeddings
     return results
 
@@ -138,14 +219,38 @@ def _span(counts: list[int]) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
+def _metrics(task: str) -> list[str]:
+    if task == "instance":
+        return ["mAP@all", "P@1"]
+    if task_kind(task) == "instance":
+        return ["P@1", "mAP@100", "mAP@all"]
+    return ["mAP@all", "P@100", "P@1"]
+
+
+def style_table(agg: dict) -> str:
+    """One row per drawing-style task, one column per method: the headline table."""
+    rows = [t for t in agg if style_of(t)]
+    if not rows:
+        return ""
+    methods = [m for m in METHODS if any(m in agg[t] for t in rows)]
+    lines = ["| style task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for task in rows:
+        ms = ["P@1", "mAP@100"] if task_kind(task) == "instance" else ["P@1", "mAP@all"]
+        cells = []
+        for m in methods:
+            v = agg[task].get(m)
+            cells.append(" / ".join(f"{v[k]['mean']:.3f}" for k in ms) if v else "")
+        lines.append(f"| {task} ({' / '.join(ms)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def aggregate(results: list[dict]) -> tuple[dict, str]:
     agg: dict = {}
     lines = []
-    for task in TASKS:
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    for task in tasks:
         present = [r["tasks"][task] for r in results if task in r["tasks"]]
-        if not present:
-            continue
-        metrics = ["mAP@all", "P@100", "P@1"] if task != "instance" else ["mAP@all", "P@1"]
+        metrics = _metrics(task)
         lines.append(f"\n**{task}** ({_span([p['iiae']['n_queries'] for p in present])} queries x "
                      f"{_span([p['iiae']['n_gallery'] for p in present])} gallery, {len(present)} run(s); "
                      "mean ± std)\n")
@@ -162,6 +267,9 @@ def aggregate(results: list[dict]) -> tuple[dict, str]:
                 for m in metrics
             }
             lines.append(f"| {method} | " + " | ".join(_fmt([v[m] for v in vals]) for m in metrics) + " |")
+    styles = style_table(agg)
+    if styles:
+        lines = ["**Drawing styles** (mean over runs; per task below)\n", styles, *lines]
     return agg, "\n".join(lines)
 
 
@@ -220,16 +328,17 @@ def evaluate_runs(
     precision_variant: str = "hits/k",
     map_variant: str = "topk",
     figures: bool = True,
+    on: str = "unseen",
 ) -> dict:
-    metric_kw = {"ks": (1, 100, 200), "map_ks": (200,), "ties": ties, "precision_variant": precision_variant,
+    metric_kw = {"ks": (1, 100, 200), "map_ks": (100, 200), "ties": ties, "precision_variant": precision_variant,
                  "map_variant": map_variant}
-    results = [evaluate_run(Path(r), records, fs, generalised, **metric_kw) for r in runs]
+    results = [evaluate_run(Path(r), records, fs, generalised, on=on, **metric_kw) for r in runs]
     agg, table = aggregate(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "dataset": str(dataset),
-        "protocol": {"generalised": generalised, "ties": ties, "precision": precision_variant,
+        "protocol": {"classes": on, "generalised": generalised, "ties": ties, "precision": precision_variant,
                      "mAP@200": map_variant, "mAP@all": "non-interpolated AP over the full ranking"},
         "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
         "aggregate": agg,
@@ -237,6 +346,6 @@ def evaluate_runs(
     }
     (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if figures and results and "category" in results[0]["_rows"]:
-        _figure(results[0], records, fs, dataset, out_dir / "eval_report.png")
+        _figure(results[0], records, results[0]["_fs"], dataset, out_dir / "eval_report.png")
     LOG.info("report written to %s", out_dir / "eval_report.json")
     return report

@@ -25,11 +25,16 @@ from model.augment import augment_sketch, edge_sketch
 from model.backbones import Backbone
 from model.data.dataset import Record, resolve_path
 from model.images import ImageError, load_image
+from model.stroke_norm import VERSION as stroke_norm_version
+from model.stroke_norm import normalise_strokes
 
 LOG = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
 EDGE_VIEW = 100
+# View NORM_VIEW + v is view v of a sketch after stroke normalisation (model.stroke_norm): both
+# families sit in one cache, so a model can be trained and evaluated with either.
+NORM_VIEW = 1000
 CHUNK_ROWS = 512
 FEATURES_FILE = "features.safetensors"
 META_FILE = "features.json"
@@ -45,6 +50,22 @@ class FeatureSet:
     def rows(self, records: np.ndarray | Sequence[int], views: Sequence[int]) -> np.ndarray:
         """Row indices whose record is in `records` and view in `views`."""
         return np.flatnonzero(np.isin(self.record, records) & np.isin(self.view, list(views)))
+
+    def family(self, records: Sequence[Record], stroke_norm: bool) -> np.ndarray:
+        """Mask of the rows a model reads: its sketch rows (queries and edge maps included) with or
+        without stroke normalisation, and every photo row."""
+        is_norm = self.view >= NORM_VIEW
+        if stroke_norm and not is_norm.any():
+            raise ValueError("these features have no stroke-normalised sketch rows: "
+                             "recompute them with `sbir features` (stroke normalisation on)")
+        sketch_rec = np.array([r.domain == "sketch" for r in records])
+        is_sketch_row = sketch_rec[self.record] | (self.view % NORM_VIEW == EDGE_VIEW)
+        return ~is_sketch_row | (is_norm == stroke_norm)
+
+    def for_sketches(self, records: Sequence[Record], stroke_norm: bool) -> FeatureSet:
+        """The `family` rows, views renumbered as without normalisation (NORM_VIEW + v -> v)."""
+        keep = self.family(records, stroke_norm)
+        return FeatureSet(self.feats[keep], self.record[keep], self.view[keep] % NORM_VIEW, self.meta)
 
     def save(self, path: str | Path) -> None:
         """Write the set (features, rows, meta) atomically to a directory that `load` reads."""
@@ -68,19 +89,31 @@ class FeatureSet:
         return cls(t["feats"], t["record"], t["view"], meta)
 
 
-def plan_jobs(records: Sequence[Record], sketch_views: int, edge_artists: Sequence[str]) -> list[tuple[int, int]]:
+def plan_jobs(
+    records: Sequence[Record], sketch_views: int, edge_artists: Sequence[str], stroke_norm: bool = True,
+    heldout: bool = True,
+) -> list[tuple[int, int]]:
+    """(record, view) rows: K augmented renders of every sketch that may be trained on (held-out
+    ones only as they are; none at all without `heldout`), edge maps of `edge_artists`' photos, and
+    with `stroke_norm` every sketch row again after stroke normalisation."""
     jobs: list[tuple[int, int]] = []
     for i, rec in enumerate(records):
+        if rec.heldout and not heldout:
+            continue
         if rec.domain == "sketch":
-            jobs.extend((i, v) for v in range(sketch_views + 1))
+            views = [0] if rec.heldout else list(range(sketch_views + 1))
         else:
             jobs.append((i, 0))
-            if rec.artist in edge_artists:
-                jobs.append((i, EDGE_VIEW))
+            views = [EDGE_VIEW] if rec.artist in edge_artists else []
+        jobs.extend((i, v) for v in views)
+        if stroke_norm:
+            jobs.extend((i, NORM_VIEW + v) for v in views)
     return jobs
 
 
 def render_view(img, record_index: int, view: int, seed: int):
+    if view >= NORM_VIEW:
+        return normalise_strokes(render_view(img, record_index, view - NORM_VIEW, seed))
     if view == 0:
         return img
     if view == EDGE_VIEW:
@@ -127,6 +160,8 @@ def extract_features(
     out_dir: str | Path,
     sketch_views: int = 3,
     edge_artists: Sequence[str] = ("openmoji",),
+    stroke_norm: bool = True,
+    heldout: bool = True,
     seed: int = 0,
     batch_size: int = 32,
     workers: int = 1,
@@ -136,12 +171,13 @@ def extract_features(
     from tqdm import tqdm
 
     root, out_dir = Path(root), Path(out_dir)
-    jobs = plan_jobs(records, sketch_views, edge_artists)
+    jobs = plan_jobs(records, sketch_views, edge_artists, stroke_norm, heldout)
     plan = {
         "version": FEATURES_VERSION,
         "backbone": backbone.describe(),
         "sketch_views": sketch_views,
         "edge_artists": sorted(edge_artists),
+        "stroke_norm": stroke_norm_version if stroke_norm else False,
         "seed": seed,
         "records_sha256": hashlib.sha256(
             "\n".join(f"{r.path}|{r.domain}|{r.artist}" for r in records).encode()
@@ -149,6 +185,8 @@ def extract_features(
         "n_jobs": len(jobs),
         "chunk_rows": CHUNK_ROWS,
     }
+    if not heldout:  # only then, so that caches with every record keep their plan id
+        plan["heldout"] = False
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     if (out_dir / META_FILE).is_file():
         meta = json.loads((out_dir / META_FILE).read_text())

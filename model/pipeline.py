@@ -23,6 +23,8 @@ from PIL import Image
 from model.adapter import AdapterConfig, FeatureAdapter
 from model.backbones import Backbone, create_backbone
 from model.iiae import IIAE, IIAEConfig
+from model.stroke_norm import VERSION as STROKE_NORM_VERSION
+from model.stroke_norm import normalise_strokes
 
 LOG = logging.getLogger(__name__)
 
@@ -109,10 +111,20 @@ class SBIRModel:
         assert self.backbone is not None, "this model was loaded without its backbone"
         return self.backbone.preprocess(img)
 
+    @property
+    def stroke_norm(self) -> bool:
+        """Whether sketches pass through model.stroke_norm first (as they did in training)."""
+        return bool(self.config.get("sketch_preprocessing", {}).get("stroke_norm", False))
+
+    def preprocess_sketch(self, img: Image.Image) -> torch.Tensor:
+        """A sketch's input: exactly the preprocessing its training rows had."""
+        return self.preprocess(normalise_strokes(img) if self.stroke_norm else img)
+
     def encode_images(self, images: Sequence[Image.Image], domain: str, batch_size: int = 32) -> np.ndarray:
+        prep = self.preprocess_sketch if domain == "sketch" else self.preprocess
         out = []
         for i in range(0, len(images), batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            batch = torch.stack([prep(im) for im in images[i : i + batch_size]])
             out.append(self.encode_pixels(batch, domain))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -171,6 +183,13 @@ class SBIRModel:
         config = json.loads(cfg_path.read_text())
         if config.get("format") != FORMAT:
             raise UserError(f"{ckpt_dir}: unsupported checkpoint format {config.get('format')!r}")
+        sketch_prep = config.get("sketch_preprocessing", {})
+        if sketch_prep.get("stroke_norm") and sketch_prep.get("stroke_norm_version") != STROKE_NORM_VERSION:
+            raise UserError(
+                f"{ckpt_dir} was trained with stroke normalisation version {sketch_prep.get('stroke_norm_version')}, "
+                f"this code has version {STROKE_NORM_VERSION}: its queries would not look like its training "
+                "sketches. Train it again (or use the code it was trained with)."
+            )
         tensors = load_file(str(w_path))
         adapter = FeatureAdapter(AdapterConfig(**config["adapter"]))
         adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})

@@ -22,9 +22,10 @@ from torch import nn
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
 from model.data.dataset import Record, Split
 from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_IIAE_EMA
-from model.features import EDGE_VIEW, FeatureSet
+from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet
 from model.iiae import IIAE, IIAEConfig
 from model.metrics import evaluate_retrieval
+from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 
 LOG = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ class TrainConfig:
     # included) with this decay; 0 keeps the raw weights. Chosen by 4-fold CV over seen classes.
     iiae_ema: float = DEFAULT_IIAE_EMA
     pair_by: str = "instance"  # a sketch with a photo of the same item (same class where items are unknown)
+    # Sketches (training rows and queries alike) pass through model.stroke_norm: one line width,
+    # filled areas outlined, the ink's bounding box fitted to the canvas.
+    stroke_norm: bool = True
+    # With stroke_norm off: train on the normalised twins of the training sketches too (as one more
+    # drawing style), while queries stay as drawn.
+    norm_augment: bool = False
+    # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
+    # Tabler icons); False keeps them out of training but still validates on their seen classes.
+    extra_styles: bool = True
     # InfoNCE peer (comparison only)
     peer: bool = True
     peer_temperature: float = 0.1
@@ -91,7 +101,14 @@ class TrainData:
     counts: dict = field(default_factory=dict)
 
 
-def prepare(fs: FeatureSet, records: list[Record], split: Split) -> TrainData:
+def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bool = False,
+            extra_styles: bool = True, norm_augment: bool = False) -> TrainData:
+    """Training and validation rows of `split`. Held-out records (`Record.heldout`) and edge maps
+    are never part of either; without `extra_styles`, style-set records only validate. With
+    `norm_augment` the normalised sketch rows stay beside the drawn ones (as views NORM_VIEW + v:
+    training rows, never validation queries)."""
+    if not (norm_augment and not stroke_norm):
+        fs = fs.for_sketches(records, stroke_norm)
     gran = split.granularity
     rec_label = np.array([r.label(gran) for r in records])
     rec_domain = np.array([0 if r.domain == "sketch" else 1 for r in records])
@@ -107,7 +124,12 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split) -> TrainData:
     row_val = np.array([vid.get(lbl, -1) for lbl in rec_label])[fs.record]
     # edge-map rows are photos turned into a drawing style we never train on: not training data
     part = rec_part[fs.record].copy()
-    part[fs.view == EDGE_VIEW] = ""
+    part[fs.view % NORM_VIEW == EDGE_VIEW] = ""
+    # held-out drawing styles: evaluation only, whatever their class
+    part[np.array([r.heldout for r in records])[fs.record]] = ""
+    if not extra_styles:
+        styled = np.array([bool(r.style_set) for r in records])[fs.record]
+        part[styled & (part == "train")] = ""
     h = hashlib.sha256()
     train_rec = sorted({int(i) for i in fs.record[part == "train"]})
     for i in train_rec:
@@ -399,7 +421,7 @@ def train_all(
         LOG.info(" ".join(f"{k}={v}" for k, v in entry.items()))
 
     t0 = time.perf_counter()
-    td = prepare(fs, records, split)
+    td = prepare(fs, records, split, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment)
     log({"stage": "data", **td.counts, "classes": len(td.classes), "val_classes": len(split.val)})
     adapter, a_info = train_adapter(td, cfg, log)
     a = adapted(td, adapter)
@@ -411,7 +433,7 @@ def train_all(
         # papers' 100-class training), each stage run for exactly the epochs/steps selected above.
         split_used = Split(name=split.name, seed=split.seed, train=sorted(split.train + split.val), val=[],
                            unseen=split.unseen, granularity=split.granularity)
-        td = prepare(fs, records, split_used)
+        td = prepare(fs, records, split_used, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment)
         log({"stage": "refit", **td.counts, "classes": len(td.classes)})
         adapter, _ = train_adapter(td, cfg, log, stop_at=a_info["selected_epoch"])
         a = adapted(td, adapter)
@@ -432,6 +454,7 @@ def train_all(
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     config = {
         "embedding": cfg.embedding,
+        "sketch_preprocessing": {"stroke_norm": cfg.stroke_norm, "stroke_norm_version": STROKE_NORM_VERSION},
         "training": {
             "config": cfg.to_dict(),
             "split": split.to_dict(),

@@ -51,10 +51,12 @@ def _features(data: Path, records, sketch_views: int):
     out = default_features_dir(data, DEFAULT_BACKBONE)
     if (out / META_FILE).is_file() and (out / "features.safetensors").is_file():
         fs = FeatureSet.load(out)
-        if fs.meta["plan"]["records_sha256"] and len(set(fs.record.tolist())) > 0.95 * len(records):
+        need = {i for i, r in enumerate(records) if not r.heldout}
+        if fs.meta["plan"]["records_sha256"] and len(need - set(fs.record.tolist())) < 0.05 * len(need):
             return fs, out
     backbone = create_backbone(DEFAULT_BACKBONE)
-    return extract_features(data, records, backbone, out, sketch_views=sketch_views, edge_artists=()), out
+    fs = extract_features(data, records, backbone, out, sketch_views=sketch_views, edge_artists=(), heldout=False)
+    return fs, out
 
 
 def cached_model_state(model_dir: Path, split, features_plan: dict | None, train_config: dict) -> str:
@@ -97,7 +99,7 @@ def _gallery_manifest(data: Path, records, path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
         for r in records:
-            if r.domain != "photo":
+            if r.domain != "photo" or r.heldout:
                 continue
             w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
                         r.category, r.meta.get("group", ""), r.artist])
@@ -117,10 +119,12 @@ def cmd_demo(args) -> int:
         from model.data.emoji import build_emoji
 
         build_emoji(data, seeds=(0, 1, 2))
+    # Held-out drawing styles are for `sbir eval` only: the demo neither computes their features,
+    # trains on them (training never reads them) nor indexes them.
     records = read_manifest(data)
     split = load_split(data, args.split)
-    print(f"      {sum(r.domain == 'sketch' for r in records)} line drawings, "
-          f"{sum(r.domain == 'photo' for r in records)} colour emoji; split {split.name}: "
+    print(f"      {sum(r.domain == 'sketch' and not r.heldout for r in records)} line drawings, "
+          f"{sum(r.domain == 'photo' and not r.heldout for r in records)} colour emoji; split {split.name}: "
           f"{len(split.train)} training, {len(split.val)} validation, {len(split.unseen)} unseen subgroups")
 
     _step(2, "backbone features (EfficientNet-Lite2, multi-level; computed once, then cached)")

@@ -190,7 +190,7 @@ def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: Model
                 f"snapshot {snapshot.id} holds {snapshot.dim}-d vectors, its model makes {model.dim}-d"
             )
         # One forward pass and one search now, so the first request after the swap is not slow.
-        pixels = model.preprocess(Image.new("RGB", (64, 64), "white")).unsqueeze(0)
+        pixels = model.preprocess_sketch(Image.new("RGB", (64, 64), "white")).unsqueeze(0)
         vector = model.encode_pixels(pixels, "sketch")
         snapshot.search(np.ascontiguousarray(vector, dtype=np.float32), 1)
     except BaseException:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from model.data import emoji as em
-from model.data.dataset import list_splits, read_manifest, read_split
+from model.data.dataset import format_dataset_summary, list_splits, read_manifest, read_split
 from sbir.errors import UserError
 
 LINE = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="24" fill="none" stroke="#000" stroke-width="4"/></svg>'
@@ -372,3 +372,54 @@ def test_safe_extract_skips_links(tmp_path):
     out = em.safe_extract(tgz, tmp_path / "out")
     assert (out / "package" / "ok.txt").read_bytes() == b"ok"
     assert not (out / "package" / "link").exists()
+
+
+LINE_ICON = '<path fill="none" stroke="currentColor" stroke-width="2" d="M4 4h16v16H4z"/>'
+
+
+def test_style_sets_join_by_name_and_mark_held_out_records(sources, tmp_path):
+    """A training style joined by CLDR name, a held-out one, and a line/colour pair set."""
+    sources.styles = {
+        "tabler": _iconify(tmp_path / "tabler", "tabler", {}, {"cat-face": {"body": LINE_ICON},
+                                                               "grinning-face": {"body": LINE_ICON}}, width=24),
+        "lucide": _iconify(tmp_path / "lucide", "lucide", {}, {"dog-face": {"body": LINE_ICON}},
+                           aliases={"grinning-face": {"parent": "dog-face"}}, width=24),
+        "emojione": _iconify(tmp_path / "emojione", "emojione", {}, {}, width=64),
+        "streamline": _iconify(tmp_path / "sl", "sl", {}, {"rocket": {"body": LINE_ICON},
+                                                           "only-line": {"body": LINE_ICON}}, width=24),
+        "streamline-color": _iconify(tmp_path / "slc", "slc", {}, {"rocket": {"body": GREEN}}, width=16),
+    }
+    out = tmp_path / "emoji"
+    report = em.build_emoji_dataset(out, sources, seeds=(0,), size=48, workers=1, progress=False)
+    records = read_manifest(out)
+    by = {(r.artist, r.instance): r for r in records}
+    tabler = by[("tabler", "1f431")]
+    assert tabler.domain == "sketch" and tabler.category == "animal-mammal" and not tabler.heldout
+    assert tabler.style_set == "tabler" and tabler.meta["icon"] == "cat-face"
+    assert by[("lucide", "1f436")].heldout and by[("lucide", "1f600")].heldout  # an alias counts
+    line, colour = by[("streamline", "streamline:rocket")], by[("streamline-color", "streamline:rocket")]
+    assert (line.domain, colour.domain) == ("sketch", "photo") and line.heldout and colour.heldout
+    assert colour.style_set == "streamline" and line.category == colour.category
+    assert not any(r.meta.get("icon") == "only-line" for r in records)  # no colour version: no pair
+    assert report["styles"]["lucide"] == {"joined_by_name": 2, "icons_in_set": 1, "role": "heldout", "images": 2}
+    assert report["styles"]["streamline"]["pairs_by_name"] == 1
+    # the core benchmark is unchanged by them
+    assert report["kept"]["photos_per_artist"] == {"openmoji": 8, "noto": 8, "twemoji": 4, "fluent": 2}
+    assert all(not r.style_set for r in records if r.artist in em.COLOUR_ARTISTS)
+    attribution = (out / "ATTRIBUTION.md").read_text()
+    assert "Tabler Icons" in attribution and "Lucide" in attribution and "Streamline Ultimate (colour)" in attribution
+    assert "held out from training" in format_dataset_summary(out, records, [])
+
+
+def test_style_packages_are_pinned():
+    specs = {p.spec for p in em.STYLE_PACKAGES}
+    assert specs == {
+        "@iconify-json/tabler@1.2.41",
+        "@iconify-json/lucide@1.2.137",
+        "@iconify-json/emojione-monotone@1.2.1",
+        "@iconify-json/streamline-ultimate@1.2.2",
+        "@iconify-json/streamline-ultimate-color@1.2.2",
+    }
+    assert all(p.integrity.startswith("sha512-") for p in em.STYLE_PACKAGES)
+    assert set(em.HELDOUT_STYLES) == {"lucide", "emojione", "streamline"}
+    assert em.cldr_icon_name("Hot Dog") == "hot-dog"

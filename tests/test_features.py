@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import model.features as features
 from model.backbones import create_backbone
 from model.data.dataset import Record, write_manifest
-from model.features import EDGE_VIEW, FeatureSet, extract_features
+from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet, extract_features, plan_jobs
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,18 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path, backbone):
     reasons = {s["path"]: s["reason"] for s in fs.meta["skipped"]}
     assert reasons["empty.jpg"].startswith("empty")
     assert reasons["broken.png"].startswith(("corrupt", "not-an-image"))
-    # 6 sketches x 2 views + 6 photos x (image + edge map)
-    assert len(fs.feats) == 24 and fs.feats.shape[1] == backbone.dim
-    assert set(fs.view.tolist()) == {0, 1, EDGE_VIEW}
+    # 6 sketches x 2 views + 6 photos x (image + edge map), and every sketch row (edge maps
+    # included) again after stroke normalisation
+    assert len(fs.feats) == 24 + 18 and fs.feats.shape[1] == backbone.dim
+    assert set(fs.view.tolist()) == {0, 1, EDGE_VIEW, NORM_VIEW, NORM_VIEW + 1, NORM_VIEW + EDGE_VIEW}
+    drawn = fs.for_sketches(records, False)
+    assert len(drawn.feats) == 24 and set(drawn.view.tolist()) == {0, 1, EDGE_VIEW}
+    normed = fs.for_sketches(records, True)
+    assert len(normed.feats) == 24 and set(normed.view.tolist()) == {0, 1, EDGE_VIEW}
+    photo_rows = np.isin(drawn.record, [i for i, r in enumerate(records) if r.domain == "photo"]) & (drawn.view == 0)
+    np.testing.assert_array_equal(drawn.feats[photo_rows], normed.feats[photo_rows])  # photos: never normalised
+    sketch0 = (drawn.record == 0) & (drawn.view == 0)
+    assert not np.allclose(drawn.feats[sketch0], normed.feats[sketch0])
     again = FeatureSet.load(tmp_path / "f")
     np.testing.assert_array_equal(again.feats, fs.feats)
     # an augmented view differs from the original; the same seed gives the same view
@@ -69,16 +78,16 @@ def test_a_killed_run_resumes_without_recomputing_finished_chunks(tmp_path, back
     monkeypatch.setattr(type(backbone), "forward", crashing_forward)
     with pytest.raises(KeyboardInterrupt):
         extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
-                         workers=0, batch_size=4, progress=False)
+                         stroke_norm=False, workers=0, batch_size=4, progress=False)
     chunk_dirs = list((tmp_path / "f").glob("chunks-*"))
     assert len(chunk_dirs) == 1 and len(list(chunk_dirs[0].glob("*.npz"))) == 2
     seen = []
     monkeypatch.setattr(type(backbone), "forward", lambda self, x: (seen.append(len(x)), real_forward(self, x))[1])
     fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
-                          workers=0, batch_size=4, progress=False)
+                          stroke_norm=False, workers=0, batch_size=4, progress=False)
     assert sum(seen) == 4  # chunks 0-1 were kept; only s4 p4 s5 p5 reach the backbone again
     reference = extract_features(tmp_path / "ds", records, backbone, tmp_path / "g", sketch_views=0,
-                                 edge_artists=[], workers=0, batch_size=3, progress=False)
+                                 edge_artists=[], stroke_norm=False, workers=0, batch_size=3, progress=False)
     np.testing.assert_allclose(fs.feats, reference.feats, rtol=1e-4, atol=1e-4)
     meta = json.loads((tmp_path / "f" / "features.json").read_text())
     assert meta["speed"]["images"] == 6
@@ -92,5 +101,19 @@ def test_rerun_of_complete_features_is_a_no_op(tmp_path, backbone, monkeypatch):
     monkeypatch.setattr(type(backbone), "forward", lambda self, x: pytest.fail("recomputed"))
     fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", sketch_views=0, edge_artists=[],
                           workers=0, progress=False)
-    assert len(fs.feats) == 4
+    assert len(fs.feats) == 4 + 2  # 2 sketches and 2 photos, and the sketches stroke-normalised
     assert torch.get_num_threads() >= 1
+
+
+def test_held_out_records_get_no_augmented_rows_and_can_be_left_out():
+    records = [
+        Record(path="s.png", domain="sketch", category="c", artist="pen"),
+        Record(path="h.png", domain="sketch", category="c", artist="icons", meta={"heldout": "1"}),
+        Record(path="p.png", domain="photo", category="c", artist="paint"),
+    ]
+    jobs = plan_jobs(records, sketch_views=2, edge_artists=[])
+    assert [v for r, v in jobs if r == 0] == [0, 1, 2, NORM_VIEW, NORM_VIEW + 1, NORM_VIEW + 2]
+    assert [v for r, v in jobs if r == 1] == [0, NORM_VIEW]  # evaluated as drawn, never augmented
+    assert [v for r, v in jobs if r == 2] == [0]
+    assert all(r != 1 for r, _ in plan_jobs(records, 2, [], heldout=False))
+    assert all(v < NORM_VIEW for _, v in plan_jobs(records, 2, [], stroke_norm=False))

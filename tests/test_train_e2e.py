@@ -7,28 +7,46 @@ import pytest
 
 from model.data.dataset import Record, Split
 from model.evaluate import evaluate_runs
-from model.features import FeatureSet
+from model.features import NORM_VIEW, FeatureSet
 from model.train import TrainConfig, train_all
+
+STYLES = {"tabler": "", "lucide": "1"}  # a training style set and a held-out one (meta "heldout")
 
 
 def synthetic(n_classes=24, d=64, seed=0):
-    """Sketch and photo features of shared class factors seen through different domain maps."""
+    """Sketch and photo features of shared class factors seen through different domain maps.
+
+    Every sketch row has a stroke-normalised twin (view NORM_VIEW + v); besides the core sketches
+    (artist "a") each instance has a sketch in two style sets, one of them held out.
+    """
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(n_classes, 8))
     w = {"sketch": rng.normal(size=(8, d)), "photo": rng.normal(size=(8, d))}
     offset = {"sketch": 3 * rng.normal(size=d), "photo": 3 * rng.normal(size=d)}
     records, feats, rec_idx, views = [], [], [], []
+
+    def add(record, z, dom, n_views):
+        records.append(record)
+        for v in range(n_views):
+            f = np.maximum(z @ w[dom], 0) + offset[dom] + 1.5 * rng.normal(size=d)
+            twins = [(v, f)] + ([(NORM_VIEW + v, f + 0.2 * rng.normal(size=d))] if dom == "sketch" else [])
+            for view, x in twins:
+                feats.append(x)
+                rec_idx.append(len(records) - 1)
+                views.append(view)
+
     for c in range(n_classes):
         for dom, n, n_views in (("sketch", 4, 3), ("photo", 8, 1)):
             for i in range(n):
-                records.append(Record(path=f"{dom}/{c}/{i}.png", domain=dom, category=f"c{c:02d}",
-                                      instance=f"c{c:02d}-{i}", artist="a" if dom == "sketch" else "b"))
                 z = protos[c] + 0.4 * rng.normal(size=8)
-                for v in range(n_views):
-                    f = np.maximum(z @ w[dom], 0) + offset[dom] + 1.5 * rng.normal(size=d)
-                    feats.append(f)
-                    rec_idx.append(len(records) - 1)
-                    views.append(v)
+                add(Record(path=f"{dom}/{c}/{i}.png", domain=dom, category=f"c{c:02d}",
+                           instance=f"c{c:02d}-{i}", artist="a" if dom == "sketch" else "b"), z, dom, n_views)
+                if dom == "sketch":
+                    for style, heldout in STYLES.items():
+                        add(Record(path=f"{style}/{c}/{i}.png", domain="sketch", category=f"c{c:02d}",
+                                   instance=f"c{c:02d}-{i}", artist=style,
+                                   meta={"style_set": style, "heldout": heldout}),
+                            z + 0.3 * rng.normal(size=8), dom, 1 if heldout else n_views)
     fs = FeatureSet(np.array(feats, np.float32), np.array(rec_idx), np.array(views),
                     {"plan": {"backbone": {"name": "synthetic", "dim": d, "weights_sha256": "0" * 64,
                                            "image_size": 0, "weights_file": "-"}}})
@@ -102,3 +120,49 @@ def test_iiae_keeps_the_moving_average_of_its_weights():
     assert changed > 10  # the average is not simply the last weights
     with pytest.raises(ValueError, match="iiae_ema"):
         train_iiae(td, a, TrainConfig(iiae_ema=1.0), quiet, stop_at=1)
+
+
+def test_held_out_styles_are_never_read_by_training(trained, tmp_path):
+    """Changing every held-out row's features changes nothing in the trained model."""
+    fs, records, split, out, summary = trained
+    heldout = np.array([r.heldout for r in records])[fs.record]
+    assert heldout.sum() > 0
+    noisy = FeatureSet(fs.feats.copy(), fs.record, fs.view, fs.meta)
+    noisy.feats[heldout] = np.random.default_rng(1).normal(size=(heldout.sum(), fs.feats.shape[1]))
+    cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=100, iiae_eval_every=50,
+                      peer=False, adapter_dim=32, latent_dim=16)
+    a = train_all(fs, records, split, cfg, tmp_path / "a")
+    b = train_all(noisy, records, split, cfg, tmp_path / "b")
+    assert a["model_sha256"] == b["model_sha256"]
+    # while the training style set is read: changing it changes the model
+    styled = np.array([r.style_set == "tabler" for r in records])[fs.record]
+    noisy.feats[styled] += 1.0
+    c = train_all(noisy, records, split, cfg, tmp_path / "c")
+    assert c["model_sha256"] != a["model_sha256"]
+
+
+def test_every_style_is_evaluated_and_tabled(trained, tmp_path):
+    fs, records, split, out, _ = trained
+    report = evaluate_runs(tmp_path, records, fs, [out], tmp_path, figures=False)
+    tasks = report["runs"][0]["tasks"]
+    assert {"category", "instance", "lucide/instance", "lucide/category", "tabler/instance",
+            "tabler/category"} <= set(tasks)
+    assert tasks["lucide/category"]["iiae"]["n_queries"] == 4 * len(split.unseen)
+    assert tasks["lucide/instance"]["iiae"]["n_queries"] == 4 * 24  # every class: the style is what is new
+    assert {"P@1", "mAP@100"} <= set(tasks["lucide/instance"]["adapter"])
+    table = report["table_markdown"]
+    assert table.startswith("**Drawing styles**") and "| lucide/instance (P@1 / mAP@100) |" in table
+    assert report["runs"][0]["stroke_norm"] is True
+
+
+def test_evaluation_on_validation_classes_needs_a_model_that_never_saw_them(trained, tmp_path):
+    fs, records, split, out, _ = trained
+    with pytest.raises(ValueError, match="--no-refit"):
+        evaluate_runs(tmp_path, records, fs, [out], tmp_path, figures=False, on="val")
+    cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=100, iiae_eval_every=50,
+                      peer=False, adapter_dim=32, latent_dim=16, refit=False)
+    train_all(fs, records, split, cfg, tmp_path / "sel")
+    report = evaluate_runs(tmp_path, records, fs, [tmp_path / "sel"], tmp_path, figures=False, on="val")
+    tasks = report["runs"][0]["tasks"]
+    assert tasks["category"]["iiae"]["n_queries"] == 4 * len(split.val)
+    assert tasks["lucide/instance"]["iiae"]["n_queries"] == 4 * len(split.val)

@@ -19,6 +19,12 @@ tarballs there yourself to build offline). Every SVG is rendered to a PNG on whi
 reuses finished renders. Categories are OpenMoji subgroups, instances the emoji's codepoints. Writes
 manifest.csv, splits/category_seed<N>.json, build_report.json (counts, render failures) and
 ATTRIBUTION.md (artists and licences: cite them when you use the data).
+
+Five more pinned packages add drawing styles (--no-styles leaves them out): Tabler's outline icons,
+joined to the emoji whose CLDR short name they carry, which training may use; and three sets held
+out from training and from every choice, for `sbir eval` only (marked heldout=1 in the manifest):
+Lucide's thin outline icons (joined the same way), EmojiOne's monochrome silhouettes, and
+Streamline's line icons against their own colour versions.
 """
 
 SKETCHY_HELP = """\
@@ -63,7 +69,7 @@ def cmd_emoji(args: argparse.Namespace) -> int:
     from model.data.emoji import build_emoji, format_build_summary
 
     out = Path(args.dir)
-    report = build_emoji(out, seeds=args.seeds, size=args.size, workers=args.workers)
+    report = build_emoji(out, seeds=args.seeds, size=args.size, workers=args.workers, styles=not args.no_styles)
     print(format_build_summary(report))
     records = read_manifest(out)
     _print_summary(out, records, [read_split(split_path(out, name)) for name in report["splits"]])
@@ -121,6 +127,7 @@ def add_commands(subparsers) -> None:
         help="one split per seed: splits/category_seed<N>.json (default: 0 1 2)",
     )
     p.add_argument("--size", type=_positive_int, default=256, help="PNG side in pixels (default: 256)")
+    p.add_argument("--no-styles", action="store_true", help="without the five style-set packages")
     p.add_argument(
         "--workers",
         type=_positive_int,

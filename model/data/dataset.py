@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -36,6 +37,8 @@ DOMAINS = ("sketch", "photo")
 BASE_COLUMNS = ("path", "domain", "category", "instance", "artist")
 PARTS = ("train", "val", "unseen")
 GRANULARITIES = ("category", "instance")
+HELDOUT_KEY = "heldout"  # a meta column: "1" marks a record that training must never read
+STYLE_SET_KEY = "style_set"  # a meta column: the drawing-style set a record belongs to ("" or absent: the core set)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,6 +68,15 @@ class Record:
                 raise ValueError(f"record {self.path}: meta key {key!r} collides with a manifest column")
             if not isinstance(key, str) or not key or not isinstance(value, str):
                 raise ValueError(f"record {self.path}: meta must map non-empty str to str, got {key!r}")
+
+    @property
+    def heldout(self) -> bool:
+        """A held-out drawing style (meta `heldout` = "1"): evaluated, never trained on or chosen by."""
+        return self.meta.get(HELDOUT_KEY) == "1"
+
+    @property
+    def style_set(self) -> str:
+        return self.meta.get(STYLE_SET_KEY, "")
 
     def label(self, granularity: str = "category") -> str:
         """The class name this record has under a split of the given granularity."""
@@ -478,7 +490,7 @@ def split_counts(records: Sequence[Record], split: Split) -> dict[str, dict[str,
 
 def format_split_summary(records: Sequence[Record], split: Split) -> str:
     """A few aligned lines: the split's name, then classes/sketches/photos per part."""
-    counts = split_counts(records, split)
+    counts = split_counts([r for r in records if not r.heldout], split)
     seed = "" if split.seed is None else f", seed {split.seed}"
     lines = [f"split {split.name} ({split.granularity}{seed})"]
     for part in PARTS:
@@ -496,4 +508,9 @@ def format_dataset_summary(
     photos = len(records) - sketches
     categories = len({r.category for r in records})
     head = f"dataset {root}: {categories} categories, {sketches} sketches, {photos} photos"
+    heldout = [r for r in records if r.heldout]
+    if heldout:
+        artists = ", ".join(f"{a} {n}" for a, n in sorted(Counter(r.artist for r in heldout).items()))
+        head += (f"\n  held out from training (evaluation only): {len(heldout)} images ({artists}); "
+                 "the split counts below leave them out")
     return "\n".join([head, *(format_split_summary(records, s) for s in splits)])

@@ -30,12 +30,14 @@ import subprocess
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from model.data.dataset import (
+    HELDOUT_KEY,
+    STYLE_SET_KEY,
     Record,
     Split,
     _atomic_write_text,
@@ -95,7 +97,72 @@ ICONIFY_PACKAGES: dict[str, NpmPackage] = {
         "sha512-RY47RgPb47fYUiyrA64sIOL0+UU02s29sXpNBbIQRBUlPlfNFTKUmZDERGuxDs/7yNGWqQYvuaSYM1M4fRXlUw==",
     ),
 }
+
+
+@dataclass(frozen=True)
+class StyleSet:
+    """More drawing styles beside OpenMoji's line art, each from a pinned Iconify JSON package.
+
+    `join` "name": icons named by the emoji's CLDR short name (lower case, spaces to hyphens) are
+    sketches of that emoji, against the benchmark's colour gallery. `join` "pairs": line icons
+    against the colour icons of the same name in `colour` (another image domain, no emoji).
+    `role` "train": training may use the set (its seen-class icons, as any sketch); "heldout": never
+    trained on or chosen by (the manifest marks its records `heldout=1`).
+    """
+
+    key: str  # the manifest's artist
+    package: NpmPackage
+    role: str
+    join: str
+    title: str
+    by: str
+    licence: str
+    url: str
+    what: str
+    colour: NpmPackage | None = None
+
+
+STYLE_SETS: tuple[StyleSet, ...] = (
+    StyleSet(
+        "tabler",
+        NpmPackage("tabler", "@iconify-json/tabler", "1.2.41",
+                   "sha512-GHg+H/cnr0anaCoV383JONiOMxZQOdojWYNLgL3x0fRE07YW7c+AHiYmIhXet//oq26T830qitdP7l43ojiCXw=="),
+        "train", "name", "Tabler Icons", "Paweł Kuna", "MIT", "https://github.com/tabler/tabler-icons",
+        "uniform-stroke outline icons",
+    ),
+    StyleSet(
+        "lucide",
+        NpmPackage("lucide", "@iconify-json/lucide", "1.2.137",
+                   "sha512-uKz1+tFbv1RFX/mJQNksdnyKJijNfRGSNnxfiyKtr+dLNfA3ERph+IgpXClKGOlV/5GsZwLv2jgJXQ/bjF/JAg=="),
+        "heldout", "name", "Lucide", "Lucide Contributors", "ISC", "https://github.com/lucide-icons/lucide",
+        "thin-stroke outline icons",
+    ),
+    StyleSet(
+        "emojione",
+        NpmPackage("emojione", "@iconify-json/emojione-monotone", "1.2.1",
+                   "sha512-cZSNcPsuiAD6HCzCh/2dYKGh3pNI0jJlxBxQWfC33cQsPtqYZqulGBvlkThXYNvDl8VxgVHT9u+izyX/yeEIkA=="),
+        "heldout", "name", "EmojiOne (monotone)", "Emoji One", "CC-BY-4.0", "https://github.com/EmojiTwo/emojitwo",
+        "filled black silhouettes of emoji",
+    ),
+    StyleSet(
+        "streamline",
+        NpmPackage("streamline", "@iconify-json/streamline-ultimate", "1.2.2",
+                   "sha512-0Vz9UHgMrmRUYt3JFqm0E6PDdroItVqK4fKf3T72jVwS2MAmc8dcqvCy+f0hzOVzJfo3G34ejFA9Y8l/K44hTQ=="),
+        "heldout", "pairs", "Streamline Ultimate", "Streamline (webalys)", "CC-BY-4.0",
+        "https://github.com/webalys-hq/streamline-vectors", "line icons against their own colour versions",
+        colour=NpmPackage("streamline-color", "@iconify-json/streamline-ultimate-color", "1.2.2",
+                          "sha512-NAbD3xLtg3069865B5CLUulp/eowPNCiDfJBxVAmA+LKLPpxU7EIEJ2+mSfWriPd+ahORWyqjRnoPVkTJopEgg=="),
+    ),
+)  # fmt: skip
+STYLE_ARTISTS = {st.key: (st.title, st.by, st.licence, st.url) for st in STYLE_SETS} | {
+    st.colour.key: (f"{st.title} (colour)", st.by, st.licence, st.url) for st in STYLE_SETS if st.colour
+}
+STYLE_KEYS = tuple(STYLE_ARTISTS)
+HELDOUT_STYLES = tuple(s.key for s in STYLE_SETS if s.role == "heldout")
 PACKAGES: tuple[NpmPackage, ...] = (OPENMOJI, *ICONIFY_PACKAGES.values())
+STYLE_PACKAGES: tuple[NpmPackage, ...] = tuple(
+    p for st in STYLE_SETS for p in (st.package, st.colour) if p is not None
+)
 
 # Colour artists in manifest order; "openmoji" is also the sketch artist.
 COLOUR_ARTISTS = ("openmoji", "noto", "twemoji", "fluent")
@@ -263,15 +330,18 @@ class EmojiSources:
     openmoji: Path
     iconify: dict[str, Path] = field(default_factory=dict)
     packages: dict[str, dict] = field(default_factory=dict)  # for the report: name, version, integrity
+    styles: dict[str, Path] = field(default_factory=dict)  # StyleSet package key -> its package/ folder
 
 
-def fetch_packages(cache_dir: str | os.PathLike) -> EmojiSources:
-    """Fetch (or reuse) and extract all pinned packages."""
-    info = {p.key: {"name": p.name, "version": p.version, "integrity": p.integrity} for p in PACKAGES}
+def fetch_packages(cache_dir: str | os.PathLike, styles: bool = True) -> EmojiSources:
+    """Fetch (or reuse) and extract all pinned packages (with `styles`, the style sets' too)."""
+    pkgs = PACKAGES + (STYLE_PACKAGES if styles else ())
+    info = {p.key: {"name": p.name, "version": p.version, "integrity": p.integrity} for p in pkgs}
     return EmojiSources(
         openmoji=fetch_package(OPENMOJI, cache_dir),
         iconify={key: fetch_package(pkg, cache_dir) for key, pkg in ICONIFY_PACKAGES.items()},
         packages=info,
+        styles={p.key: fetch_package(p, cache_dir) for p in (STYLE_PACKAGES if styles else ())},
     )
 
 
@@ -304,11 +374,12 @@ class IconifySet:
     TRANSFORMS = ("rotate", "hFlip", "vFlip")
     MAX_ALIAS_DEPTH = 16
 
-    def __init__(self, package_dir: str | os.PathLike):
+    def __init__(self, package_dir: str | os.PathLike, need_chars: bool = True):
         package_dir = Path(package_dir)
         try:
             data = json.loads((package_dir / "icons.json").read_text(encoding="utf-8"))
-            chars = json.loads((package_dir / "chars.json").read_text(encoding="utf-8"))
+            chars_path = package_dir / "chars.json"
+            chars = json.loads(chars_path.read_text(encoding="utf-8")) if need_chars or chars_path.is_file() else {}
         except FileNotFoundError as exc:
             raise UserError(f"{package_dir} is not an Iconify JSON package: {exc.filename} missing") from None
         except json.JSONDecodeError as exc:
@@ -353,6 +424,9 @@ class IconifySet:
                 else:
                     icon[key] = value
         return icon
+
+    def has(self, name: str) -> bool:
+        return name in self.icons or name in self.aliases
 
     def svg(self, name: str) -> str:
         """A standalone SVG document for icon `name`."""
@@ -483,6 +557,51 @@ def select_emoji(
         "candidates_per_artist": dict(Counter(a for k in kept for a in k.colour)),
     }
     return kept, stats
+
+
+def cldr_icon_name(annotation: str) -> str:
+    """The icon name an emoji's CLDR short name gives: lower case, spaces to hyphens ("hot dog" ->
+    "hot-dog"), the join rule of the style sets."""
+    return annotation.strip().lower().replace(" ", "-")
+
+
+@dataclass
+class StyleItem:
+    """One image of a style set: a sketch of an emoji, or one side of a line/colour icon pair."""
+
+    style: str
+    domain: str
+    name: str  # the icon's name in its set
+    svg: str
+    hexcode: str = ""  # the emoji it shows ("pairs" sets: none)
+
+
+def select_style_items(sources: EmojiSources, entries: Sequence[EmojiEntry]) -> tuple[list[StyleItem], dict]:
+    """The style sets' icons joined to the kept emoji by name, and the line/colour pairs."""
+    items: list[StyleItem] = []
+    stats: dict[str, dict] = {}
+    for st in STYLE_SETS:
+        if st.package.key not in sources.styles:
+            continue
+        icons = IconifySet(sources.styles[st.package.key], need_chars=False)
+        if st.join == "name":
+            n = 0
+            for e in entries:
+                name = cldr_icon_name(e.annotation)
+                if name and icons.has(name):
+                    items.append(StyleItem(st.key, "sketch", name, icons.svg(name), e.hexcode))
+                    n += 1
+            stats[st.key] = {"joined_by_name": n, "icons_in_set": len(icons.icons)}
+        else:
+            assert st.colour is not None, st.key
+            colour = IconifySet(sources.styles[st.colour.key], need_chars=False)
+            names = sorted(set(icons.icons) & set(colour.icons))
+            for name in names:
+                items.append(StyleItem(st.key, "sketch", name, icons.svg(name)))
+                items.append(StyleItem(st.colour.key, "photo", name, colour.svg(name)))
+            stats[st.key] = {"pairs_by_name": len(names), "icons_in_set": len(icons.icons),
+                             "colour_icons_in_set": len(colour.icons)}
+    return items, stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,7 +738,7 @@ def _attribution_text(packages: Mapping[str, Mapping], artists: Iterable[str]) -
         "|---|---|---|---|---|",
     ]
     for key in artists:
-        title, by, licence, url = ARTISTS.get(key, (key, "unknown", "unknown", ""))
+        title, by, licence, url = ARTISTS.get(key) or STYLE_ARTISTS.get(key, (key, "unknown", "unknown", ""))
         pkg = packages.get(key, {})
         spec = f"{pkg['name']}@{pkg['version']}" if pkg else ""
         lines.append(f"| {title} | {by} | {licence} | {url} | {spec} |")
@@ -634,6 +753,9 @@ def _attribution_text(packages: Mapping[str, Mapping], artists: Iterable[str]) -
         "- Twemoji (`images/photo/twemoji/`): Copyright Twitter, Inc. and other contributors,",
         "  CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/).",
         "- Fluent Emoji (`images/photo/fluent/`): Copyright Microsoft Corporation, MIT License.",
+        "",
+        "- Style sets (`images/sketch/<set>/`, `images/photo/streamline-color/`), where present: each",
+        "  icon set under its own licence in the table above (ISC, MIT, CC BY 4.0), rendered unmodified.",
         "",
         "Emoji metadata (groups, subgroups, annotations) from OpenMoji's data/openmoji.json, which",
         "follows the Unicode emoji data files.",
@@ -691,12 +813,22 @@ def build_emoji_dataset(
                 jobs.append(RenderJob(str(dest), size, svg_text=src))
             origin[str(dest)] = (artist, "photo", e.hexcode)
 
+    style_items, style_stats = select_style_items(sources, entries)
+
+    def style_rel(item: StyleItem) -> str:
+        return f"images/{item.domain}/{item.style}/{item.hexcode or item.name}.png"
+
+    for item in style_items:
+        jobs.append(RenderJob(str(out_dir / style_rel(item)), size, svg_text=item.svg))
+
     workers = max(1, workers or default_workers())
     t0 = time.perf_counter()
     results = render_jobs(jobs, workers=workers, progress=progress)
     seconds = time.perf_counter() - t0
     status_counts = Counter(status for status, _ in results.values())
     failures = []
+    for item in style_items:
+        origin[str(out_dir / style_rel(item))] = (item.style, item.domain, item.hexcode or item.name)
     for dest, (status, reason) in sorted(results.items()):
         if status == "failed":
             artist, domain, code = origin[dest]
@@ -744,6 +876,8 @@ def build_emoji_dataset(
             )
     if not records:
         raise UserError("no emoji survived the filters; see build_report.json")
+    records += _style_records(style_items, {e.hexcode: e for e, _ in final}, style_rel,
+                              lambda item: results.get(str(out_dir / style_rel(item)), ("missing", ""))[0] != "failed")
     write_manifest(out_dir, records)
 
     subgroups = sorted({e.subgroup for e, _ in final})
@@ -761,7 +895,11 @@ def build_emoji_dataset(
         split.write(split_path(out_dir, split.name))
         splits.append(split)
 
-    photos_per_artist = Counter(r.artist for r in records if r.domain == "photo")
+    style_counts = Counter(r.artist for r in records if r.artist in STYLE_KEYS)
+    for st in STYLE_SETS:
+        if st.key in style_stats:
+            style_stats[st.key] |= {"role": st.role, "images": style_counts[st.key]}
+    photos_per_artist = Counter(r.artist for r in records if r.domain == "photo" and STYLE_SET_KEY not in r.meta)
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "size": size,
@@ -790,18 +928,48 @@ def build_emoji_dataset(
         "kept": {
             "subgroups": len(subgroups),
             "emoji": len(final),
-            "sketches": sum(r.domain == "sketch" for r in records),
+            "sketches": sum(r.domain == "sketch" and r.artist == "openmoji" for r in records),
             "photos": sum(photos_per_artist.values()),
             "photos_per_artist": {a: photos_per_artist[a] for a in COLOUR_ARTISTS if a in photos_per_artist},
             "emoji_per_colour_artist_count": dict(sorted(Counter(len(a) for _, a in final).items())),
         },
         "splits": [s.name for s in splits],
+        "styles": style_stats,
     }
     _atomic_write_text(out_dir / "build_report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     used = ["openmoji", *[a for a in COLOUR_ARTISTS[1:] if photos_per_artist.get(a)]]
     used += sorted(a for a in photos_per_artist if a not in COLOUR_ARTISTS)
+    used += [k for k in STYLE_KEYS if style_counts.get(k)]
     _atomic_write_text(out_dir / "ATTRIBUTION.md", _attribution_text(sources.packages, used))
     return report
+
+
+def _style_records(items, kept: Mapping[str, EmojiEntry], rel, ok) -> list[Record]:
+    """Manifest records of the rendered style images. A "name" set's icon is a sketch of its emoji
+    (category: the emoji's subgroup, instance: its codepoints), kept if the emoji is; a "pairs"
+    set's line and colour icons are kept together, each pair its own instance and category."""
+    role = {st.key: st.role for st in STYLE_SETS} | {st.colour.key: st.role for st in STYLE_SETS if st.colour}
+    out: list[Record] = []
+    pairs: dict[str, list[StyleItem]] = {}
+    for item in items:
+        if not item.hexcode:
+            pairs.setdefault(item.name, []).append(item)
+            continue
+        e = kept.get(item.hexcode)
+        if e is None or not ok(item):
+            continue
+        meta = {"emoji": e.emoji, "group": e.group, "subgroup": e.subgroup, "annotation": e.annotation,
+                "icon": item.name, STYLE_SET_KEY: item.style, HELDOUT_KEY: "1" if role[item.style] == "heldout" else ""}
+        out.append(Record(rel(item), "sketch", e.subgroup, e.hexcode, item.style, meta))
+    for name, both in pairs.items():
+        if len(both) != 2 or not all(ok(i) for i in both):
+            continue
+        line = next(i for i in both if i.domain == "sketch")
+        label = f"{line.style}:{name}"
+        for i in both:
+            meta = {"icon": name, STYLE_SET_KEY: line.style, HELDOUT_KEY: "1" if role[i.style] == "heldout" else ""}
+            out.append(Record(rel(i), i.domain, label, label, i.style, meta))
+    return out
 
 
 def format_build_summary(report: dict) -> str:
@@ -813,6 +981,10 @@ def format_build_summary(report: dict) -> str:
         f"render: {r['rendered']} rendered, {r['reused']} reused, {r['failed']} failed "
         f"in {r['seconds']:.1f} s on {r['workers']} worker(s)",
     ]
+    for key, st in report.get("styles", {}).items():
+        joined = (f"{st['joined_by_name']} joined to emoji by name" if "joined_by_name" in st
+                  else f"{st['pairs_by_name']} line/colour pairs")
+        lines.append(f"style set {key} ({st['role']}): {st['images']} images kept, {joined}")
     if report["dropped_subgroups"]:
         small = ", ".join(f"{s} ({n})" for s, n in report["dropped_subgroups"].items())
         lines.append(f"dropped subgroups with too few emoji: {small}")
@@ -827,8 +999,10 @@ def build_emoji(
     size: int = DEFAULT_SIZE,
     workers: int | None = None,
     progress: bool = True,
+    styles: bool = True,
 ) -> dict:
-    """Fetch the pinned packages into `out_dir/.cache/npm` (reusing verified tarballs) and build."""
+    """Fetch the pinned packages into `out_dir/.cache/npm` (reusing verified tarballs) and build;
+    `styles`: with the style sets (`STYLE_SETS`)."""
     out_dir = Path(out_dir)
-    sources = fetch_packages(out_dir / ".cache" / "npm")
+    sources = fetch_packages(out_dir / ".cache" / "npm", styles=styles)
     return build_emoji_dataset(out_dir, sources, seeds=seeds, size=size, workers=workers, progress=progress)

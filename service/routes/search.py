@@ -164,4 +164,4 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
 def _decode(body: bytes, content_type: str | None, pair: ServingPair):
     """Worker thread: parse the body, decode or render the sketch, preprocess it for the model."""
     image, form = decode_sketch(body, content_type)
-    return pair.model.preprocess(image), form
+    return pair.model.preprocess_sketch(image), form

@@ -1,0 +1,83 @@
+"""Stroke normalisation: any dark-on-white drawing redrawn as one-width lines, framed the same way.
+
+Drawings of the same thing differ in pen width (a 3 px pen, OpenMoji's 7 px line art, icon sets
+drawn at a twelfth of their size), in filled areas (silhouettes, filled eyes) and in framing. This
+maps all of them to one style before the backbone sees them: the ink is cropped to its bounding
+box and fitted into the canvas with a margin; thin ink is reduced to its centre line
+(skeletonisation) and filled areas to their outlines; then every line is redrawn with one pen
+width. Applied to every sketch in training and at query time alike (the checkpoint records it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+VERSION = 1  # bump on any change of output: feature caches record it
+CANVAS = 256  # the normalised drawing's side, before the backbone's own resize
+MARGIN = 0.08  # of the canvas on each side (as the service's stroke renderer)
+INK_LEVEL = 170  # grey levels below this are ink
+FILL_FACTOR = 1.5  # ink this many times wider than the drawing's typical line is a filled area
+MIN_FILL_RADIUS = 6  # at CANVAS px: ink narrower than about 2 x this is always a line
+MAX_FILL_RADIUS = 20  # at CANVAS px: ink wider than about 2 x this is always a filled area
+PEN_RADIUS = 2  # at CANVAS px: the redrawn line is about 2 x this + 1 wide
+
+
+def normalise_strokes(img: Image.Image, canvas: int = CANVAS) -> Image.Image:
+    """The drawing in `img` (dark on white, any size) redrawn on a `canvas` square, RGB.
+
+    A blank image (no ink) is returned as a white canvas.
+    """
+    from skimage.morphology import skeletonize
+
+    grey = img.convert("L")
+    scale = canvas / max(grey.size)
+    w, h = max(1, round(grey.width * scale)), max(1, round(grey.height * scale))
+    square = Image.new("L", (canvas, canvas), 255)
+    # resize the grey levels (not a mask) so that thin lines survive downscaling as grey
+    square.paste(grey.resize((w, h), Image.BILINEAR), ((canvas - w) // 2, (canvas - h) // 2))
+    centre = centre_lines(np.asarray(square) < INK_LEVEL)
+    if not centre.any():
+        return Image.new("RGB", (canvas, canvas), (255, 255, 255))
+    # Frame by the centre lines (a wide pen must not change the framing), then thin again: the
+    # resize can blur a line into two pixels' width.
+    ys, xs = np.nonzero(centre)
+    crop = centre[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
+    usable = canvas * (1 - 2 * MARGIN)
+    fit = usable / max(crop.shape)
+    cw, ch = max(1, round(crop.shape[1] * fit)), max(1, round(crop.shape[0] * fit))
+    lines = np.asarray(Image.fromarray(crop * 255).convert("L").resize((cw, ch), Image.BILINEAR)) > 40
+    framed = np.zeros((canvas, canvas), bool)
+    oy, ox = (canvas - ch) // 2, (canvas - cw) // 2
+    framed[oy : oy + ch, ox : ox + cw] = skeletonize(lines)
+    return draw_lines(framed)
+
+
+def centre_lines(ink: np.ndarray) -> np.ndarray:
+    """One-pixel lines of a boolean ink mask: the skeleton of its lines, the outline of its fills."""
+    from scipy import ndimage
+    from skimage.morphology import disk, skeletonize
+
+    if not ink.any():
+        return ink
+    # The drawing's own line width: twice the median distance to the paper along the centre lines.
+    depth = ndimage.distance_transform_edt(ink)
+    half_width = float(np.median(depth[skeletonize(ink)]))
+    radius = min(MAX_FILL_RADIUS, max(MIN_FILL_RADIUS, FILL_FACTOR * half_width + 1))
+    # Filled areas: the opening of the ink by a disk of `radius` (the union of every such disk that
+    # fits in the ink), computed with distance transforms instead of a large structuring element.
+    centres = depth >= radius
+    filled = ndimage.distance_transform_edt(~centres) <= radius if centres.any() else np.zeros_like(ink)
+    outline = filled & ~ndimage.binary_erosion(filled, structure=disk(1))
+    lines = skeletonize(ink & ~ndimage.binary_dilation(filled, structure=disk(1)))
+    return lines | outline
+
+
+def draw_lines(centre: np.ndarray) -> Image.Image:
+    """Centre lines drawn with the one pen (PEN_RADIUS), softened a little as a real pen line is."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    drawn = ndimage.binary_dilation(centre, structure=disk(PEN_RADIUS))
+    out = Image.fromarray(np.where(drawn, 0, 255).astype(np.uint8))
+    return out.filter(ImageFilter.GaussianBlur(0.6)).convert("RGB")

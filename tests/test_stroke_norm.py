@@ -1,0 +1,93 @@
+"""Stroke normalisation: pen width, fills and framing no longer tell two drawings apart."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from model.stroke_norm import CANVAS, normalise_strokes
+
+
+def _ink(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L")) < 128
+
+
+def _house(width: int, box=(40, 40, 216, 216), size=256) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = box
+    mid, inset = (x0 + x1) / 2, (x1 - x0) * 0.085
+    roof = y0 + (y1 - y0) * 0.4
+    # lines centred on their path (a rectangle's outline would grow inwards with the width)
+    d.line([(x0, roof), (mid, y0), (x1, roof)], fill="black", width=width, joint="curve")
+    d.line([(x0 + inset, roof), (x1 - inset, roof), (x1 - inset, y1), (x0 + inset, y1), (x0 + inset, roof)],
+           fill="black",
+           width=width, joint="curve")
+    return img
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, slack: int = 3) -> float:
+    """Share of a's ink within `slack` px of b's ink (a tolerant, one-sided IoU)."""
+    from scipy import ndimage
+
+    near_b = ndimage.binary_dilation(b, iterations=slack)
+    return float((a & near_b).sum() / max(1, a.sum()))
+
+
+def test_pen_width_is_normalised_away():
+    thin, thick = normalise_strokes(_house(2)), normalise_strokes(_house(18))
+    a, b = _ink(thin), _ink(thick)
+    assert a.shape == (CANVAS, CANVAS)
+    assert _overlap(a, b, 6) > 0.9 and _overlap(b, a, 6) > 0.9
+    # both end up with the same line width: ink area within 25% of each other
+    assert 0.75 < a.sum() / b.sum() < 1.33
+    # while the inputs differed several-fold in ink
+    assert _ink(_house(18)).sum() > 4 * _ink(_house(2)).sum()
+
+
+def test_framing_is_normalised_away():
+    small_corner = normalise_strokes(_house(3, box=(10, 10, 90, 90)))
+    large = normalise_strokes(_house(6, box=(30, 30, 230, 230)))
+    assert _overlap(_ink(small_corner), _ink(large), 6) > 0.9
+    assert _overlap(_ink(large), _ink(small_corner), 6) > 0.9
+
+
+def test_a_filled_shape_becomes_its_outline():
+    img = Image.new("RGB", (256, 256), "white")
+    ImageDraw.Draw(img).ellipse([28, 28, 228, 228], fill="black")
+    out = _ink(normalise_strokes(img))
+    assert not out[120:136, 120:136].any()  # the inside is paper again
+    ring = out[:, CANVAS // 2]
+    assert ring[:40].any() and ring[-40:].any()  # the contour is drawn
+    assert out.mean() < 0.1
+
+
+def test_blank_and_colour_input():
+    assert not _ink(normalise_strokes(Image.new("RGB", (50, 80), "white"))).any()
+    grey = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(grey).line([(5, 5), (60, 60)], fill=0, width=2)
+    out = normalise_strokes(grey)
+    assert out.mode == "RGB" and out.size == (CANVAS, CANVAS) and _ink(out).any()
+
+
+@pytest.mark.parametrize("stroke_norm", [False, True])
+def test_the_model_applies_what_its_training_applied(stroke_norm):
+    """SBIRModel.preprocess_sketch normalises exactly when the checkpoint says training did."""
+    import torch
+
+    from model.pipeline import SBIRModel
+
+    class Backbone:
+        def to(self, device):
+            return self
+
+        def preprocess(self, img):
+            return torch.from_numpy(np.asarray(img.convert("L").resize((32, 32))).copy())
+
+    model = SBIRModel.__new__(SBIRModel)
+    model.backbone = Backbone()
+    model.config = {"sketch_preprocessing": {"stroke_norm": stroke_norm}}
+    img = _house(14, box=(5, 5, 120, 120))
+    got = model.preprocess_sketch(img)
+    want = Backbone().preprocess(normalise_strokes(img) if stroke_norm else img)
+    assert torch.equal(got, want)
+    assert model.stroke_norm is stroke_norm
