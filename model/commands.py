@@ -66,10 +66,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--iiae-time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="stop IIAE's selection after this long, keeping its best step so far "
                    "(0, the default: no limit; a limit makes the result depend on the machine's load)")
-    t.add_argument("--no-stroke-norm", action="store_true",
-                   help="feed sketches as drawn, without stroke normalisation (docs/MODEL.md)")
-    t.add_argument("--norm-augment", action="store_true",
-                   help="with --no-stroke-norm: train on the normalised sketches too, query as drawn")
+    t.add_argument("--stroke-norm", action="store_true",
+                   help="normalise every sketch's strokes, in training and at query time (docs/MODEL.md)")
+    t.add_argument("--no-norm-augment", action="store_true",
+                   help="do not train on the stroke-normalised twins of the sketches (queries are as drawn either way)")
     t.add_argument("--no-extra-styles", action="store_true",
                    help="train on the core sketches only, not on the dataset's extra style sets (they still validate)")
     t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
@@ -175,8 +175,8 @@ def cmd_train(args) -> int:
                       rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
                       iiae_ema=args.iiae_ema, adapter_output=args.adapter_output,
                       time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit,
-                      stroke_norm=not args.no_stroke_norm, extra_styles=not args.no_extra_styles,
-                      norm_augment=args.norm_augment)
+                      stroke_norm=args.stroke_norm, extra_styles=not args.no_extra_styles,
+                      norm_augment=not args.no_norm_augment)
     if args.finetune_blocks:
         from model.finetune import FinetuneConfig, finetune_and_train
 

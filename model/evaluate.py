@@ -147,7 +147,10 @@ def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised:
         tasks[f"{style}/instance"] = (sq if on == "unseen" else sq[is_unseen[sq]], all_photos, "instance")
         tasks[f"{style}/category"] = (sq[is_unseen[sq]], g, "category")
     if on != "unseen":
-        tasks["edge_maps/instance"] = (edge_q, all_cross, "instance")
+        # choosing settings: the held-out styles (and the edge maps) are not even computed
+        heldout_styles = set(row_style[np.array([r.heldout for r in records])[fs.record]])
+        tasks = {k: v for k, v in tasks.items()
+                 if not k.startswith("edge_maps") and style_of(k) not in heldout_styles}
     return {
         name: (qq, gg, label_of[lab][fs.record[qq]], label_of[lab][fs.record[gg]])
         for name, (qq, gg, lab) in tasks.items()

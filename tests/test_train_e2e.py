@@ -152,7 +152,7 @@ def test_every_style_is_evaluated_and_tabled(trained, tmp_path):
     assert {"P@1", "mAP@100"} <= set(tasks["lucide/instance"]["adapter"])
     table = report["table_markdown"]
     assert table.startswith("**Drawing styles**") and "| lucide/instance (P@1 / mAP@100) |" in table
-    assert report["runs"][0]["stroke_norm"] is True
+    assert report["runs"][0]["stroke_norm"] is False  # the default: queries as drawn
 
 
 def test_evaluation_on_validation_classes_needs_a_model_that_never_saw_them(trained, tmp_path):
@@ -165,4 +165,21 @@ def test_evaluation_on_validation_classes_needs_a_model_that_never_saw_them(trai
     report = evaluate_runs(tmp_path, records, fs, [tmp_path / "sel"], tmp_path, figures=False, on="val")
     tasks = report["runs"][0]["tasks"]
     assert tasks["category"]["iiae"]["n_queries"] == 4 * len(split.val)
-    assert tasks["lucide/instance"]["iiae"]["n_queries"] == 4 * len(split.val)
+    assert tasks["tabler/instance"]["iiae"]["n_queries"] == 4 * len(split.val)
+    assert not any(t.startswith(("lucide", "edge_maps")) for t in tasks)  # held-out styles are never shown
+
+
+def test_normalised_twins_train_but_never_validate():
+    from model.train import prepare
+
+    fs, records, split = synthetic()
+    td = prepare(fs, records, split, stroke_norm=False, norm_augment=True)
+    train = td.label >= 0
+    assert (td.view[train] >= NORM_VIEW).any() and (td.view[train] < NORM_VIEW).any()
+    val_queries = (td.part == "val") & (td.domain == 0) & (td.view == 0)
+    assert val_queries.any()
+    plain = prepare(fs, records, split, stroke_norm=False, norm_augment=False)
+    assert not (plain.view >= NORM_VIEW).any()
+    normed = prepare(fs, records, split, stroke_norm=True)
+    assert not (normed.view >= NORM_VIEW).any() and len(normed.feats) == len(plain.feats)
+    assert not np.array_equal(normed.feats.numpy(), plain.feats.numpy())
