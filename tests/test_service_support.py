@@ -90,12 +90,23 @@ def new_index_root(base: Path, checkpoint: Path, n_photos: int, seed: int = 0) -
     return root, build_snapshot(photos, checkpoint, root)
 
 
-def start_server(root, extra=(), env=None) -> tuple[subprocess.Popen, str, queue.Queue]:
+def start_server(root, extra=(), env=None, address_space=None) -> tuple[subprocess.Popen, str, queue.Queue]:
     """`sbir serve ROOT` on a free port (the caller stops it): (process, base URL, its output lines).
-    `env`: SBIR_* variables for it (the caller's own SBIR_* are not passed on)."""
+    `env`: SBIR_* variables for it (the caller's own SBIR_* are not passed on). `address_space`:
+    a limit in bytes on its virtual memory, so that a regression fails the test with MemoryError
+    instead of exhausting the machine."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SBIR_")}, **(env or {})}
     cmd = [sys.executable, "-m", "sbir", "serve", str(root), "--port", "0", "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def limit_memory() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=limit_memory if address_space else None,
+    )  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     end = time.monotonic() + STARTUP_TIMEOUT_S
