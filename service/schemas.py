@@ -50,6 +50,11 @@ class SearchResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str = Field(description="always 'ready'", examples=["ready"])
     snapshot: str = Field(description="id of the snapshot being served")
+    warnings: list[str] | None = Field(
+        None,
+        description="present when something needs an operator while this snapshot serves: the newer "
+        "snapshot CURRENT names was refused (and why), or the serving snapshot's folder is gone from disk",
+    )
 
 
 class ReloadResponse(BaseModel):

@@ -41,7 +41,10 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         return JSONResponse(
             error_body("encoder-stopped", "the encoder worker is not running"), status_code=503
         )
-    return JSONResponse({"status": "ready", "snapshot": pair.id})
+    body: dict[str, Any] = {"status": "ready", "snapshot": pair.id}
+    if warnings := service.state.warnings():
+        body["warnings"] = warnings
+    return JSONResponse(body)
 
 
 @router.get(
