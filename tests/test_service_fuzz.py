@@ -67,6 +67,7 @@ def fuzz_served_api(untrained_checkpoint, tmp_path, seed: int, max_examples: int
         proc.wait(60)
     log = drain(lines, until="Finished server process")
     summary = output[output.rfind("SUMMARY") :] or output[-4000:]
+    print(summary)  # shown with -s or -rP: the cases generated, per phase
     assert code == 0, f"schemathesis found problems (seed {seed}):\n{output[-12000:]}"
     generated = re.search(r"(\d+) generated", output)
     assert generated and int(generated.group(1)) >= MIN_CASES, summary
