@@ -87,6 +87,7 @@ def test_fuzz_the_api_with_a_fixed_seed(untrained_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fuzz_the_api_longer_with_a_random_seed(untrained_checkpoint, tmp_path):
     seed = random.SystemRandom().randrange(2**31)
     print(f"schemathesis seed {seed}")  # pytest shows it on failure: replay with this seed
