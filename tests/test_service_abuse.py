@@ -107,18 +107,26 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 
 def trickle(url: str, head: bytes, tail: bytes, every_s: float = 0.25, max_s: float = 20.0) -> tuple[bytes, float]:
-    """Send `head` at once, then `tail` one byte every `every_s` until the server hangs up."""
+    """Send `head` at once, then `tail` one byte every `every_s` until the server hangs up.
+
+    Returns what the server sent and when it hung up; b"" when the connection was reset instead (a
+    byte sent just as the server closed makes its kernel answer with a reset, which can discard the
+    answer before it is read): either way the server cut the client off."""
     sock = connect(url)
     start = time.monotonic()
-    sock.sendall(head)
+    answer = b""
     try:
+        sock.sendall(head)
         for i in range(len(tail)):
             if time.monotonic() - start > max_s or select.select([sock], [], [], 0)[0]:
                 break  # the server answered (or hung up): stop sending, read what it said
             sock.sendall(tail[i : i + 1])
             time.sleep(every_s)
         sock.settimeout(10)
-        answer = read_until_closed(sock)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     finally:
         sock.close()
     return answer, time.monotonic() - start
@@ -143,9 +151,10 @@ def test_a_client_trickling_its_request_is_cut_off_while_others_are_served(serve
     for _ in range(3):
         assert_ready(client)
     t.join(60)
-    assert result["answer"].startswith(b"HTTP/1.1 408"), result["answer"][:300]
-    if where == "body":
-        assert b'"body-timeout"' in result["answer"]
+    answer = result["answer"]
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    if where == "body" and answer:
+        assert b'"body-timeout"' in answer
     # cut off by the server's deadline, long before the client would have finished (100 s)
     assert REQUEST_TIMEOUT_S <= result["took"] < 20
     assert_ready(client)
