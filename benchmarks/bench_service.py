@@ -10,6 +10,12 @@ Starts a real `sbir serve` process on 127.0.0.1 and drives it with an async http
     # resident memory under load (1M vectors)
     python benchmarks/bench_service.py make-index --out /tmp/bench1m --photos 1000000
     python benchmarks/bench_service.py soak --root /tmp/bench1m --seconds 600
+    # the soak of docs/RELIABILITY.md: a real collection, re-indexed (a new snapshot) every 2 minutes
+    python deploy/smoke_data.py checkpoint /tmp/soak/model
+    python deploy/smoke_data.py photos /tmp/soak/photos/batch0 --count 400
+    sbir index build /tmp/soak/photos --model /tmp/soak/model --out /tmp/soak/index
+    python benchmarks/bench_service.py soak --root /tmp/soak/index --seconds 1800 --idle-seconds 120 \
+        --reindex-every 120 --reindex-photos /tmp/soak/photos --json soak.json
 
 Latency does not depend on training, so the untrained checkpoint stands in for a trained one.
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
 STAGES = ("read", "decode", "queue", "encode", "search", "metadata", "total")
 
 
@@ -259,6 +266,7 @@ async def drive(
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     batch_sizes: list[int] = []
     failures: list[str] = []
+    snapshots: set[str] = set()
     sent = 0
     deadline = time.perf_counter() + max_seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -282,6 +290,7 @@ async def drive(
                     failures.append(f"{r.status_code}: {r.text[:200]}")
                     continue
                 body = r.json()
+                snapshots.add(body["snapshot"])
                 latencies.append(dt)
                 batch_sizes.append(body["batch_size"])
                 for s in STAGES:
@@ -302,6 +311,7 @@ async def drive(
         "server_stage_ms_p99": {s: round(float(np.percentile(v, 99)), 2) for s, v in stages.items() if v},
         "server_stage_ms_max": {s: round(max(v), 2) for s, v in stages.items() if v},
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else 0,
+        "snapshots_answering": len(snapshots),
     }
 
 
@@ -520,19 +530,67 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return report
 
 
+class Reindexer:
+    """Every `every_s` seconds: add `add` generated photos to the collection and run `sbir index
+    update ROOT PHOTOS` (niced), which publishes a new snapshot the server picks up."""
+
+    def __init__(self, root: Path, photos: Path, every_s: float, add: int):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("smoke_data", REPO / "deploy" / "smoke_data.py")
+        self.smoke_data = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.smoke_data)
+        self.root, self.photos, self.every_s, self.add = root, photos, every_s, add
+        self.jobs: list[dict] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reindexer", daemon=True)
+
+    def _run(self) -> None:
+        for i in range(10_000):  # bounded; stopped by the soak long before
+            if self.stop.wait(self.every_s):
+                return
+            self.smoke_data.make_photos(self.photos / f"soak-{os.getpid()}-{i:04d}", self.add, 1000 + i, 96)
+            cmd = ["nice", "-n", "10", sys.executable, "-m", "sbir", "-q", "index", "update", str(self.root),
+                   str(self.photos), "--workers", "0", "--no-progress"]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            self.jobs.append({
+                "at_s": round(t0 - self.started, 1), "seconds": round(time.perf_counter() - t0, 1),
+                "exit": proc.returncode, "error": proc.stderr[-500:] if proc.returncode else "",
+            })  # fmt: skip
+
+    def __enter__(self) -> Reindexer:
+        self.started = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(600)
+
+
 def cmd_soak(args: argparse.Namespace) -> dict:
+    from contextlib import nullcontext
+
+    if args.reindex_every > 0 and args.reindex_photos is None:
+        raise SystemExit("--reindex-every needs --reindex-photos (the collection ROOT was built from)")
     png = sketch_png()
     report: dict = {
         "machine": machine(),
         "root": str(args.root),
         "seconds": args.seconds,
         "clients": args.clients,
+        "reindex_every_s": args.reindex_every,
     }
     t0 = time.perf_counter()
     server = start_server(args, report, [])
     report["startup_s"] = round(time.perf_counter() - t0, 1)
     samples: list[tuple[float, float]] = []
     try:
+        if args.idle_seconds > 0:  # the same load without re-indexing: the latency to compare with
+            report["load_without_reindexing"] = asyncio.run(
+                drive(server.url, png, args.clients, 10**9, args.idle_seconds)
+            )
         report["rss_mb_idle"] = round(server.rss_mb(), 1)
         stop = threading.Event()
 
@@ -543,7 +601,19 @@ def cmd_soak(args: argparse.Namespace) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        report["load"] = asyncio.run(drive(server.url, png, args.clients, 10**9, args.seconds))
+        reindexer = (
+            Reindexer(args.root, args.reindex_photos, args.reindex_every, args.reindex_add)
+            if args.reindex_every > 0
+            else nullcontext()
+        )
+        with reindexer:
+            report["load"] = asyncio.run(drive(server.url, png, args.clients, 10**9, args.seconds))
+        if args.reindex_every > 0:
+            report["reindex_jobs"] = reindexer.jobs
+            report["reindex_published"] = sum(j["exit"] == 0 for j in reindexer.jobs)
+            base = report.get("load_without_reindexing", {}).get("latency_ms", {}).get("p99")
+            if base:
+                report["p99_ratio_to_no_reindexing"] = round(report["load"]["latency_ms"]["p99"] / base, 2)
         stop.set()
         sampler.join(5)
         report["rss_mb_samples"] = samples
@@ -660,6 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--sample-every", type=float, default=5)
     soak.add_argument("--torch-threads", type=int, default=None)
     soak.add_argument("--faiss-threads", type=int, default=None)
+    soak.add_argument("--idle-seconds", type=float, default=0,
+                      help="first, the same load this long without re-indexing (its p99 is the reference)")
+    soak.add_argument("--reindex-every", type=float, default=0,
+                      help="seconds between `sbir index update` jobs during the soak (0: none)")
+    soak.add_argument("--reindex-photos", type=Path, default=None, help="the collection ROOT was built from")
+    soak.add_argument("--reindex-add", type=int, default=5, help="photos added before each update")
     soak.add_argument("--json", type=Path, default=None)
     th = sub.add_parser("threads", help="encoder and FAISS speed per OpenMP wait policy and thread count")
     th.add_argument("--root", type=Path, required=True)

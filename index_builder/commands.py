@@ -6,11 +6,14 @@ Heavy imports (torch, faiss) happen inside the command functions so that `sbir -
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
 import sys
 from pathlib import Path
+
+from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -143,6 +146,10 @@ def _options(args):
     )
 
 
+# Errors of the file system the job writes to: said in one line, with what is kept, not a traceback.
+_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+
+
 def _run_job(args, job) -> int:
     from index_builder.build import EmptyCollectionError, write_report
 
@@ -152,6 +159,13 @@ def _run_job(args, job) -> int:
         if args.report:
             write_report(args.report, exc.report)
         raise
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        raise UserError(
+            f"{_DISK_ERRNOS[exc.errno]} writing {exc.filename or 'the index'}: the published snapshot is "
+            "unchanged and finished chunks are kept; free space and run the same command again"
+        ) from exc
     if args.report:
         write_report(args.report, result.report)
     _print_summary(result)

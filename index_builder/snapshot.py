@@ -278,7 +278,7 @@ class Snapshot:
         """Photo records for ids, in order: {"id", "path", "sha256", "metadata"}; None for unknown ids."""
         wanted = [int(i) for i in ids]
         found: dict[int, dict] = {}
-        unique = sorted({i for i in wanted if i >= 0})
+        unique = sorted({i for i in wanted if 0 <= i < 2**63})  # SQLite integers are signed 64-bit
         with self._db_lock:
             if self._db is None:
                 raise SnapshotError(f"snapshot {self.id} is closed")

@@ -23,6 +23,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_IMAGE_PIXELS = 40_000_000
 # Images smaller than this are mostly noise to a 260 px backbone; they are upscaled, not refused.
 MIN_SIDE = 8
+# Larger sides are reduced on load: the backbones see at most a few hundred pixels, and a thin strip
+# within MAX_IMAGE_PIXELS (1 x 39,000,000: a 40 kB PNG) would otherwise be padded to a square of
+# 10^15 pixels by preprocessing (it exhausted 22 GB before this bound; docs/RELIABILITY.md).
+MAX_SIDE = 4096
 
 
 class ImageError(ValueError):
@@ -87,15 +91,19 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
 
 
 def load_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode a path or bytes into an RGB image (EXIF-rotated, alpha on white, first frame).
+    """Decode a path or bytes into an RGB image (EXIF-rotated, alpha on white, first frame), each
+    side within MIN_SIDE..MAX_SIDE (aspect kept unless a side would leave that range).
 
     Raises `ImageError` with reason one of: missing, empty, not-an-image, corrupt, too-large.
     """
     img = to_rgb(_open(source))
+    if max(img.size) > MAX_SIDE:
+        img.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         scale = MIN_SIDE / min(w, h)
-        img = img.resize((max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))), Image.NEAREST)
+        size = [min(MAX_SIDE, max(MIN_SIDE, round(side * scale))) for side in (w, h)]
+        img = img.resize(tuple(size), Image.NEAREST)
     return img
 
 

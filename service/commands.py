@@ -16,6 +16,7 @@ _FLAGS = (
     ("--port", int, "TCP port (default 8000; 0 picks a free one)"),
     ("--device", str, "encoder device: auto, cpu, cuda, cuda:N (default auto)"),
     ("--max-upload-bytes", int, "largest request body, 413 past it (default 8 MiB)"),
+    ("--request-timeout", float, "seconds a client may take to send a request's head, and its body (default 30)"),
     ("--max-k", int, "largest k a client may ask for (default 100)"),
     ("--default-k", int, "k when the client gives none (default 24)"),
     ("--max-batch", int, "most sketches per forward pass (default 16)"),
@@ -35,7 +36,7 @@ _FLAGS = (
     ),
     ("--log-level", str, "critical, error, warning, info or debug (default info)"),
 )
-_FIELD_FOR_FLAG = {"reload_interval": "reload_interval_s"}
+_FIELD_FOR_FLAG = {"reload_interval": "reload_interval_s", "request_timeout": "request_timeout_s"}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.batcher import MicroBatcher
 from service.errors import ApiError
@@ -48,14 +49,19 @@ async def leased_pair(service: ServiceDep) -> AsyncIterator[ServingPair]:
 PairDep = Annotated[ServingPair, Depends(leased_pair, scope="request")]
 
 
-async def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+# Declares the bearer scheme in OpenAPI (clients and fuzzers see that /admin/* needs it); the check
+# itself is below, so that a missing or wrong token gets our 401 body rather than FastAPI's.
+admin_bearer = HTTPBearer(auto_error=False, description="the server's SBIR_ADMIN_TOKEN")
+
+
+async def require_admin(
+    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]
+) -> None:
     token = service.settings.admin_token
     if token is None:
         raise ApiError(403, "admin-disabled", "the admin API is disabled: set SBIR_ADMIN_TOKEN to enable it")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), token.get_secret_value().encode()
-    ):
+    given = credentials.credentials.strip() if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise ApiError(
             401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
             headers={"WWW-Authenticate": "Bearer"},

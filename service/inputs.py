@@ -6,12 +6,13 @@ called from a worker thread. Every refusal is an `ApiError` with a status and a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -61,7 +62,8 @@ class SketchJSON(BaseModel):
         None,
         description="a PNG, JPEG or WebP sketch, base64-encoded (a `data:image/...;base64,` prefix is allowed)",
     )
-    strokes: list[list[list[float]]] | None = Field(
+    # Strict: JSON true/false or "1.5" are not coordinates (lax mode would read them as 1.0 and 1.5).
+    strokes: list[list[list[Annotated[float, Strict()]]]] | None = Field(
         None,
         description=(
             "vector strokes in QuickDraw's simplified format: a list of strokes, each [[x...], [y...]]; "
@@ -80,8 +82,9 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes.
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes, and with
+    408 when it has not all arrived `timeout_s` seconds after reading began (a client trickling it).
 
     Content-Length is checked first, and the streamed bytes are counted too, since a client may
     send chunked bodies or a wrong length.
@@ -95,13 +98,19 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client-disconnected", "the client went away before sending the body") from None
+    except TimeoutError:
+        raise ApiError(
+            408, "body-timeout", f"the body did not arrive within {timeout_s:g} s ({size} bytes came)",
+            headers={"Connection": "close"},
+        ) from None  # fmt: skip
     return b"".join(chunks)
 
 

@@ -47,6 +47,16 @@ class ServiceMetrics:
         )
         self.reloads = Counter("sbir_snapshot_reloads", "Snapshot loads by outcome", ["outcome"], registry=r)
         self.ready = Gauge("sbir_ready", "1 when a snapshot and its model are serving", registry=r)
+        self.snapshot_on_disk = Gauge(
+            "sbir_snapshot_on_disk",
+            "0 when the serving snapshot's folder has disappeared from disk (it keeps serving from memory)",
+            registry=r,
+        )
+        self.refused_pending = Gauge(
+            "sbir_snapshot_refused",
+            "1 while CURRENT names a snapshot that was refused (the previous one keeps serving)",
+            registry=r,
+        )
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -64,6 +74,8 @@ class ServiceMetrics:
         self.snapshot_info.labels(snapshot_id, model_sha256[:16]).set(1)
         self.index_vectors.set(vectors)
         self.ready.set(1)
+        self.snapshot_on_disk.set(1)
+        self.refused_pending.set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -47,6 +47,16 @@ class SearchResponse(BaseModel):
     )
 
 
+class ReadyResponse(BaseModel):
+    status: str = Field(description="always 'ready'", examples=["ready"])
+    snapshot: str = Field(description="id of the snapshot being served")
+    warnings: list[str] | None = Field(
+        None,
+        description="present when something needs an operator while this snapshot serves: the newer "
+        "snapshot CURRENT names was refused (and why), or the serving snapshot's folder is gone from disk",
+    )
+
+
 class ReloadResponse(BaseModel):
     changed: bool = Field(description="false when CURRENT already names the serving snapshot")
     snapshot: str
@@ -56,6 +66,8 @@ class ReloadResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
+        400: "a Content-Length that is not a number, or a client that went away mid-body",
+        408: "the body did not all arrive within the request timeout (the connection is closed)",
         413: "the body or the image's pixel count is too large",
         415: "not multipart/form-data or application/json, or an image format other than PNG, JPEG, WebP",
         422: "empty body, not an image, corrupt image, malformed JSON, bad strokes, bad k",

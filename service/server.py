@@ -19,6 +19,7 @@ def make_server(settings: Settings):
     import uvicorn
 
     from service.app import create_app
+    from service.http_protocol import head_deadline_protocol
 
     if not settings.snapshot_root.is_dir():
         raise UserError(f"snapshot root {settings.snapshot_root} is not a directory")
@@ -30,6 +31,7 @@ def make_server(settings: Settings):
         workers=1,  # never more: each worker would load its own model and index
         log_level=settings.log_level,
         lifespan="on",
+        http=head_deadline_protocol(settings.request_timeout_s),  # slow request heads get 408
         timeout_graceful_shutdown=10,
         # Clients are benchmarks and browsers on the same host or behind a proxy the operator runs.
         proxy_headers=False,

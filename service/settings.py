@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="largest request body accepted (413 past it)"
     )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="longest a client may take to send a request's head, and again its body (408 past it)",
+    )
     max_k: int = Field(100, ge=1, le=10_000, description="largest k a client may ask for")
     default_k: int = Field(24, ge=1, description="k when the client gives none")
     max_batch: int = Field(16, ge=1, le=1024, description="most sketches encoded in one forward pass")

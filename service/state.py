@@ -232,6 +232,7 @@ class ServingState:
         self.last_reload_error: dict | None = None
         self.last_reload: dict | None = None
         self._failed_id: str | None = None
+        self.serving_missing_since: float | None = None  # when the serving snapshot's folder vanished
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
 
@@ -251,6 +252,18 @@ class ServingState:
             if pair.acquire():
                 return pair
         raise NotReady("the snapshot is being swapped; retry")
+
+    def warnings(self) -> list[str]:
+        """What an operator should know while a snapshot serves: a refused newer one, a vanished folder."""
+        out = []
+        if self._failed_id is not None and self.last_reload_error:
+            out.append(self.last_reload_error["message"])
+        if self.serving_missing_since is not None and self.current is not None:
+            out.append(
+                f"the serving snapshot's folder {self.current.snapshot.path} is gone from disk; it keeps "
+                "serving from memory, but a restart could not load it"
+            )
+        return out
 
     def not_ready_reason(self) -> str:
         if self.last_reload_error:
@@ -283,6 +296,7 @@ class ServingState:
         unreadable = ""
         while True:
             await asyncio.sleep(self.reload_interval_s)
+            await self._check_serving_on_disk()
             try:
                 target = await asyncio.to_thread(self.snapshots.read_current, self.root)
             except (OSError, UserError) as exc:
@@ -298,6 +312,18 @@ class ServingState:
                 await self.reload(reason="CURRENT changed")
             except ReloadError:
                 pass  # recorded in last_reload_error and logged
+
+    async def _check_serving_on_disk(self) -> None:
+        pair = self.current
+        if pair is None:
+            return
+        present = await asyncio.to_thread(pair.snapshot.path.is_dir)
+        if not present and self.serving_missing_since is None:
+            LOG.error("the serving snapshot's folder %s is gone; still serving it from memory", pair.snapshot.path)
+            self.serving_missing_since = time.time()
+        elif present:
+            self.serving_missing_since = None
+        self.metrics.snapshot_on_disk.set(1 if present else 0)
 
     @staticmethod
     def _watcher_ended(task: asyncio.Task) -> None:
@@ -325,6 +351,7 @@ class ServingState:
             old, self.current = self.current, pair
             seconds = time.perf_counter() - start
             self._failed_id = None
+            self.serving_missing_since = None
             self.last_reload = {
                 "snapshot": pair.id,
                 "at": time.time(),
@@ -347,5 +374,6 @@ class ServingState:
         message = f"snapshot {target} refused: {exc}" if target else str(exc)
         self.last_reload_error = {"snapshot": target, "at": time.time(), "reason": reason, "message": message}
         self.metrics.reloads.labels("refused").inc()
+        self.metrics.refused_pending.set(1)
         serving = self.current.id if self.current else None
         LOG.error("%s (%s); still serving %s", message, type(exc).__name__, serving)

@@ -325,7 +325,19 @@ def test_openapi_documents_every_form_with_examples(client):
     assert content["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
     assert set(content["application/json"]["examples"]) == {"image", "strokes"}
     k = next(p for p in op["parameters"] if p["name"] == "k")
-    assert k["in"] == "query" and k["schema"]["anyOf"][0]["maximum"] == 50
+    assert k["in"] == "query" and k["schema"] == {**k["schema"], "type": "integer", "minimum": 1, "maximum": 50}
+    # exactly one of image or strokes, as the server enforces (both: 422)
+    one_of = content["application/json"]["schema"]["oneOf"]
+    assert [branch["required"] for branch in one_of] == [["image"], ["strokes"]]
+    assert all(branch["additionalProperties"] is False for branch in one_of)
+    assert set(op["responses"]) == {"200", "400", "408", "413", "415", "422", "503"}
+    photo = spec["paths"]["/photos/{photo_id}"]["get"]
+    photo_id = next(p for p in photo["parameters"] if p["name"] == "photo_id")
+    assert photo_id["schema"]["maximum"] == 2**63 - 1
+    assert set(photo["responses"]) == {"200", "304", "404", "422", "500", "503"}
+    assert list(spec["paths"]["/"]["get"]["responses"]["200"]["content"]) == ["text/html"]
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert spec["paths"]["/admin/reload"]["post"]["security"] == [{"HTTPBearer": []}]
     for path in ("/photos/{photo_id}", "/healthz", "/readyz", "/metrics", "/info", "/admin/reload"):
         assert path in spec["paths"]
 

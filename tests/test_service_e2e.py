@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
-from test_service_support import build_snapshot, make_photos, new_index_root
+from test_service_support import build_snapshot, drain, make_photos, new_index_root, start_server
 
 from service.strokes import render_strokes
 
-STARTUP_TIMEOUT_S = 90
 SWAP_TIMEOUT_S = 90
 
 
@@ -25,29 +19,6 @@ def sketch_png() -> bytes:
     out = io.BytesIO()
     render_strokes([[[10, 120, 240], [200, 20, 200]], [[60, 190], [130, 130]]]).save(out, "PNG")
     return out.getvalue()
-
-
-def start_server(root, extra=()) -> tuple[subprocess.Popen, str, queue.Queue]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SBIR_")}
-    cmd = [sys.executable, "-m", "sbir", "serve", str(root), "--port", "0", "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    end = time.monotonic() + STARTUP_TIMEOUT_S
-    seen = []
-    while time.monotonic() < end:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-        if m:
-            return proc, m.group(1), lines
-    proc.kill()
-    raise AssertionError("sbir serve did not start:\n" + "".join(seen))
 
 
 def test_serve_swaps_snapshots_under_traffic_without_a_failed_request(untrained_checkpoint, tmp_path):
@@ -103,14 +74,3 @@ def test_serve_swaps_snapshots_under_traffic_without_a_failed_request(untrained_
     assert code in (0, -signal.SIGTERM)
     log = drain(lines, until="Finished server process")
     assert "Application shutdown complete" in log and "Traceback" not in log
-
-
-def drain(lines: queue.Queue, until: str, timeout: float = 10.0) -> str:
-    out: list[str] = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not any(until in line for line in out):
-        try:
-            out.append(lines.get(timeout=0.2))
-        except queue.Empty:
-            continue
-    return "".join(out)

@@ -6,10 +6,19 @@ that the helpers make what the others rely on.
 
 from __future__ import annotations
 
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+STARTUP_TIMEOUT_S = 90
 
 
 def make_photos(folder: Path, n: int, seed: int) -> Path:
@@ -79,6 +88,53 @@ def new_index_root(base: Path, checkpoint: Path, n_photos: int, seed: int = 0) -
     photos = make_photos(base / f"photos_{seed}", n_photos, seed)
     root = base / "index"
     return root, build_snapshot(photos, checkpoint, root)
+
+
+def start_server(root, extra=(), env=None, address_space=None) -> tuple[subprocess.Popen, str, queue.Queue]:
+    """`sbir serve ROOT` on a free port (the caller stops it): (process, base URL, its output lines).
+    `env`: SBIR_* variables for it (the caller's own SBIR_* are not passed on). `address_space`:
+    a limit in bytes on its virtual memory, so that a regression fails the test with MemoryError
+    instead of exhausting the machine."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SBIR_")}, **(env or {})}
+    cmd = [sys.executable, "-m", "sbir", "serve", str(root), "--port", "0", "--device", "cpu", *extra]
+
+    def limit_memory() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=limit_memory if address_space else None,
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    end = time.monotonic() + STARTUP_TIMEOUT_S
+    seen = []
+    while time.monotonic() < end:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+        if m:
+            return proc, m.group(1), lines
+    proc.kill()
+    raise AssertionError("sbir serve did not start:\n" + "".join(seen))
+
+
+def drain(lines: queue.Queue, until: str, timeout: float = 10.0) -> str:
+    out: list[str] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not any(until in line for line in out):
+        try:
+            out.append(lines.get(timeout=0.2))
+        except queue.Empty:
+            continue
+    return "".join(out)
 
 
 def test_photos_are_distinct(tmp_path):

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sbir import __version__
 from service.deps import ServiceDep
 from service.errors import error_body
+from service.schemas import ErrorBody, ReadyResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -23,7 +24,14 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="A snapshot and its model are loaded and serving",
-    responses={503: {"description": "not ready: no snapshot loaded yet (see /info for the last error)"}},
+    response_model=ReadyResponse,
+    responses={
+        503: {
+            "model": ErrorBody,
+            "description": "not ready: no snapshot loaded yet (see /info for the last error), or the "
+            "encoder worker stopped",
+        }
+    },
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
     pair = service.state.current
@@ -33,10 +41,23 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         return JSONResponse(
             error_body("encoder-stopped", "the encoder worker is not running"), status_code=503
         )
-    return JSONResponse({"status": "ready", "snapshot": pair.id})
+    body: dict[str, Any] = {"status": "ready", "snapshot": pair.id}
+    if warnings := service.state.warnings():
+        body["warnings"] = warnings
+    return JSONResponse(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -11,6 +11,7 @@ import hashlib
 from importlib import resources
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
 
 STATIC_PACKAGE = "service.static"
 ASSETS = {
@@ -47,7 +48,15 @@ def build_router() -> APIRouter:
             return Response(status_code=304, headers=headers)
         return Response(files[name], media_type=media, headers=headers)
 
-    @router.get("/", summary="The drawing page: sketch in the browser, see the matching photos")
+    @router.get(
+        "/",
+        summary="The drawing page: sketch in the browser, see the matching photos",
+        response_class=HTMLResponse,
+        responses={
+            200: {"description": "the page (HTML)", "content": {"text/html": {"schema": {"type": "string"}}}},
+            304: {"description": "unchanged since the ETag the client holds"},
+        },
+    )
     async def page(request: Request) -> Response:
         return serve(request, PAGE, "text/html; charset=utf-8")
 

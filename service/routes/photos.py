@@ -17,6 +17,7 @@ from service.schemas import ErrorBody
 from service.settings import Settings
 
 THUMBNAIL_QUALITY = 85
+MAX_PHOTO_ID = 2**63 - 1  # ids are signed 64-bit (FAISS and SQLite): anything larger is refused with 422
 
 
 def make_thumbnail(path: FilePath, size: int) -> bytes:
@@ -43,11 +44,13 @@ def build_router(settings: Settings) -> APIRouter:
         response_class=Response,
         responses={
             200: {
-                "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
-                "description": "the photo",
+                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "the photo as stored (any image type the builder indexed), or a JPEG thumbnail",
             },
             304: {"description": "unchanged since the ETag the client holds"},
-            404: {"model": ErrorBody, "description": "no photo with that id in the serving snapshot"},
+            404: {"model": ErrorBody, "description": "no photo with that id in the serving snapshot, or its file is gone"},
+            422: {"model": ErrorBody, "description": "an id or size out of range, or not an integer"},
+            500: {"model": ErrorBody, "description": "the stored photo cannot be decoded for a thumbnail"},
             503: {"model": ErrorBody, "description": "no snapshot loaded"},
         },
     )
@@ -55,11 +58,12 @@ def build_router(settings: Settings) -> APIRouter:
         request: Request,
         service: ServiceDep,
         pair: PairDep,
-        photo_id: Annotated[int, Path(ge=0, description="an id from a /search answer")],
+        photo_id: Annotated[int, Path(ge=0, le=MAX_PHOTO_ID, description="an id from a /search answer")],
+        # `int`, not `int | None`: the parameter is optional, but `null` is not a value a client can send.
         size: Annotated[
-            int | None,
+            int,
             Query(ge=16, le=settings.max_thumbnail, description="fit the photo in size x size pixels (JPEG)"),
-        ] = None,
+        ] = None,  # type: ignore[assignment]
     ) -> Response:
         record = (await asyncio.to_thread(pair.snapshot.lookup, [photo_id]))[0]
         if record is None:

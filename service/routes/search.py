@@ -22,6 +22,7 @@ from service.inputs import (
 from service.schemas import ERROR_RESPONSES, SearchResponse
 from service.settings import Settings
 from service.state import ServingPair
+from service.strokes import MAX_ABS_COORD, MAX_POINTS, MAX_STROKES
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _request_body_doc() -> dict:
                     "encoding": {FILE_FIELD: {"contentType": "image/png, image/jpeg, image/webp"}},
                 },
                 "application/json": {
-                    "schema": SketchJSON.model_json_schema(),
+                    "schema": sketch_json_schema(),
                     "examples": {
                         "image": {"summary": "a base64 PNG", "value": image_example},
                         "strokes": {"summary": "QuickDraw strokes: an A", "value": strokes_example},
@@ -65,11 +66,47 @@ def _request_body_doc() -> dict:
     }
 
 
+def sketch_json_schema() -> dict:
+    """The JSON body as OpenAPI states it: exactly one of `image` or `strokes` (SketchJSON checks the
+    same at run time), with the stroke limits `service.strokes` enforces. What JSON Schema cannot say
+    (x and y of a stroke have the same length, at most MAX_POINTS points in all, the image decodes)
+    is refused with 422 and said in the descriptions."""
+    fields = SketchJSON.model_fields
+    coordinate = {"type": "number", "minimum": -MAX_ABS_COORD, "maximum": MAX_ABS_COORD}
+    values = {"type": "array", "items": coordinate, "minItems": 1, "maxItems": MAX_POINTS}
+    stroke = {
+        "type": "array",
+        "items": values,
+        "minItems": 2,
+        "maxItems": 3,
+        "description": "[[x...], [y...]] with as many x as y values (a third list, of times, is ignored)",
+    }
+    image = {"type": "string", "minLength": 1, "description": fields["image"].description}
+    strokes = {
+        "type": "array",
+        "items": stroke,
+        "minItems": 1,
+        "maxItems": MAX_STROKES,
+        "description": f"{fields['strokes'].description}; at most {MAX_POINTS} points in all",
+    }
+    return {
+        "title": "SketchJSON",
+        "description": SketchJSON.__doc__,
+        "oneOf": [
+            {"title": "image", "type": "object", "properties": {"image": image}, "required": ["image"],
+             "additionalProperties": False},
+            {"title": "strokes", "type": "object", "properties": {"strokes": strokes}, "required": ["strokes"],
+             "additionalProperties": False},
+        ],
+    }  # fmt: skip
+
+
 def build_router(settings: Settings) -> APIRouter:
     """Built per app so that OpenAPI states this server's own maximum k."""
     router = APIRouter(tags=["search"])
+    # `int`, not `int | None`: k is optional, but `null` is not a value a client can send.
     KQuery = Annotated[
-        int | None,
+        int,
         Query(
             ge=1, le=settings.max_k, description=f"how many photos to return (default {settings.default_k})"
         ),
@@ -82,7 +119,7 @@ def build_router(settings: Settings) -> APIRouter:
         openapi_extra=_request_body_doc(),
         summary="Find the photos that match a sketch",
     )
-    async def search(request: Request, service: ServiceDep, k: KQuery = None) -> JSONResponse:
+    async def search(request: Request, service: ServiceDep, k: KQuery = settings.default_k) -> JSONResponse:
         start = time.perf_counter()
         form = "unknown"
         # Bounds what waits in memory (bodies, decoded images) before the batcher's own queue does.
@@ -94,7 +131,7 @@ def build_router(settings: Settings) -> APIRouter:
             )  # fmt: skip
         service.searches_in_flight += 1
         try:
-            answer, form = await _search(request, service, k or settings.default_k, start)
+            answer, form = await _search(request, service, k, start)
         except ApiError as exc:
             service.metrics.searches.labels(f"http_{exc.status}", form).inc()
             raise
@@ -111,7 +148,7 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
     content_type = request.headers.get("content-type")
     if media_type(content_type) not in ACCEPTED_MEDIA_TYPES:
         raise unsupported_media_type(media_type(content_type))
-    body = await read_body(request, settings.max_upload_bytes)
+    body = await read_body(request, settings.max_upload_bytes, settings.request_timeout_s)
     t_read = time.perf_counter()
 
     pair = service.state.acquire()  # this request finishes on this pair, even if a reload swaps it out
