@@ -31,8 +31,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", type=Path)
     ap.add_argument("--images", type=int, default=640)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--backbone", default="efficientnet_lite2_ms")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1])
+    ap.add_argument("--backbone", default="efficientnet_lite2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over the precisions")
@@ -46,34 +46,34 @@ def main() -> None:
     backbones = {p: create_backbone(args.backbone, cpu_precision=p) for p in args.precisions}
     print(
         f"backbone {args.backbone}, {len(sample)} images (sketches: original + 1 augmented render), "
-        f"torch threads {torch.get_num_threads()}, workers {args.workers}"
+        f"torch threads {torch.get_num_threads()}"
     )
     runs: list[dict] = []
-    for rnd in range(args.rounds):
+    for rnd, workers in ((r, w) for r in range(args.rounds) for w in args.workers):
         for precision, backbone in backbones.items():
             with tempfile.TemporaryDirectory() as tmp:
                 cpu0 = time.process_time()
                 fs = extract_features(
                     args.dataset, sample, backbone, Path(tmp), sketch_views=1, edge_artists=(),
-                    batch_size=args.batch_size, workers=args.workers, progress=False,
+                    batch_size=args.batch_size, workers=workers, progress=False,
                 )
                 cpu = time.process_time() - cpu0
             sp = fs.meta["speed"] | {"precision": precision, "round": rnd,
                                      "main_cpu_s_per_image": round(cpu / fs.meta["speed"]["images"], 4)}
             runs.append(sp)
             print(
-                f"round {rnd} {precision} ({sp['runtime']}): pipeline {sp['images_per_s']} img/s, bare forward "
+                f"round {rnd}, workers={workers}, {precision} ({sp['runtime']}): pipeline {sp['images_per_s']} img/s, bare forward "
                 f"{sp['bare_forward_images_per_s']} img/s, ratio {sp['ratio_to_bare_forward']}, "
                 f"{sp['main_cpu_s_per_image'] * 1000:.1f} ms CPU/img"
             )
     summary: dict = {"backbone": args.backbone, "images": len(sample), "runs": runs}
     if {"fp32", "int8"} <= set(args.precisions):
         def per_round(key: str, invert: bool = False) -> list[float]:
-            out = []
-            for rnd in range(args.rounds):
-                f, i = (next(r[key] for r in runs if r["round"] == rnd and r["precision"] == p) for p in ("fp32", "int8"))
-                out.append(round(f / i if invert else i / f, 3))
-            return out
+            """int8 / fp32 of `key` in each (round, workers) pair, in run order."""
+            by = {(r["round"], r["workers"], r["precision"]): r[key] for r in runs}
+            pairs = [(rnd, w) for rnd in range(args.rounds) for w in args.workers]
+            return [round(by[(*p, "fp32")] / by[(*p, "int8")] if invert else by[(*p, "int8")] / by[(*p, "fp32")], 3)
+                    for p in pairs]
 
         summary["int8_over_fp32"] = {
             "bare_forward": per_round("bare_forward_images_per_s"),
