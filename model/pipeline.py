@@ -190,6 +190,11 @@ class SBIRModel:
         backbone = None
         if with_backbone:
             bb = config["backbone"]
+            from model.quantize import requested_precision
+
+            if resolve_device(device).type != "cpu" and requested_precision(cpu_precision) == "int8":
+                raise UserError(f"{ckpt_dir}: int8 runs on the CPU only; on {resolve_device(device)} the backbone "
+                                "runs in float (fp16 autocast)")
             try:
                 backbone = create_backbone(
                     bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"],

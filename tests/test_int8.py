@@ -165,3 +165,11 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
         assert client.get("/readyz").status_code == 200
         assert client.get("/info").json()["model"]["precision"] == "int8"
         assert client.post("/search", json=strokes).status_code == 200
+
+
+def test_int8_on_a_gpu_is_refused_before_anything_loads(untrained_checkpoint):
+    from model.pipeline import SBIRModel
+    from sbir.errors import UserError
+
+    with pytest.raises(UserError, match="int8 runs on the CPU only"):
+        SBIRModel.load(untrained_checkpoint, device="cuda", cpu_precision="int8")
