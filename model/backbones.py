@@ -498,9 +498,8 @@ class Backbone(nn.Module):
         except Exception as exc:  # any failure keeps torch's path, which is always correct
             self._ort = None
             if required:
-                what = "in int8" if precision == "int8" else ""
-                raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name} {what}: {exc}".replace("  ", " ")) \
-                    from exc
+                what = " in int8" if precision == "int8" else ""
+                raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name}{what}: {exc}") from exc
             LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
             return False
         self.precision = precision
