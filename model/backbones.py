@@ -500,7 +500,10 @@ class Backbone(nn.Module):
             if required:
                 what = " in int8" if precision == "int8" else ""
                 raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name}{what}: {exc}") from exc
-            LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
+            if precision == "int8":
+                LOG.warning("backbone %s: int8 is not usable (%s); float32 instead", self.spec.name, exc)
+            else:
+                LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
             return False
         self.precision = precision
         LOG.info("backbone %s: CPU forward by onnxruntime %s %s (%d threads), %.1g from torch%s",
