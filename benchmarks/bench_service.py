@@ -72,7 +72,7 @@ def untrained_checkpoint(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
-    backbone = create_backbone()
+    backbone = create_backbone(cpu_runtime="torch", cpu_precision="fp32")  # only its description is saved
     model = SBIRModel(
         backbone,
         FeatureAdapter(AdapterConfig(input_dim=backbone.dim)),
@@ -98,7 +98,7 @@ def synthetic_vectors(n: int, dim: int, seed: int, clusters: int = 2000) -> np.n
     return out
 
 
-def make_index(out: Path, photos: int, model_dir: Path | None, seed: int) -> None:
+def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_precision: str | None = None) -> None:
     """A published snapshot of `photos` synthetic vectors, written with index_builder's own writer.
 
     Every record points at one of a few real small JPEGs (so /photos works) and carries synthetic
@@ -117,6 +117,10 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int) -> Non
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or untrained_checkpoint(out / "untrained-model")
     model = SBIRModel.load(model_dir, device="cpu", with_backbone=False)
+    from model.backbones import cpu_precision_for
+
+    # the precision the service will encode queries in (it follows the snapshot's)
+    precision = cpu_precision_for(model.config["backbone"]["name"], cpu_precision)
     files = []
     for i in range(16):
         f = out / "photos" / f"p{i:02d}.jpg"
@@ -158,7 +162,7 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int) -> Non
         manifest={
             "dim": model.dim,
             "count": photos,
-            "model": {"sha256": model.sha256},
+            "model": {"sha256": model.sha256, "precision": precision},
             "index": {"factory": plan.factory, "search_params": recall.params, "recall": recall.to_dict()},
             "synthetic": {"seed": seed, "note": "benchmarks/bench_service.py make-index"},
         },
@@ -166,7 +170,7 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int) -> Non
     )
     writer.publish(snapshot_id)
     print(
-        f"published {snapshot_id}: {photos} synthetic vectors, {plan.factory} {recall.params or 'exact'}, "
+        f"published {snapshot_id} ({precision}): {photos} synthetic vectors, {plan.factory} {recall.params or 'exact'}, "
         f"recall@{recall.k} {recall.recall:.3f}, {time.perf_counter() - t0:.1f} s"
     )
 
@@ -408,7 +412,7 @@ class BareEncoder:
     """
 
     def __init__(self, model_dir: Path, png: bytes, batch: int, torch_threads: int | None,
-                 cpu_runtime: str | None = None):
+                 cpu_runtime: str | None = None, cpu_precision: str | None = None, device: str = "cpu"):
         import torch
 
         from model.images import load_image
@@ -416,7 +420,8 @@ class BareEncoder:
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        self.model = SBIRModel.load(model_dir, device="cpu", cpu_runtime=cpu_runtime)
+        self.model = SBIRModel.load(model_dir, device=device, cpu_runtime=cpu_runtime,
+                                    cpu_precision=cpu_precision if device == "cpu" else None)
         self.pixels = torch.stack([self.model.preprocess(load_image(png))] * batch)
         self.measure(0.0)  # warm-up
 
@@ -427,7 +432,7 @@ class BareEncoder:
         def work() -> None:
             done, start, cpu0 = 0, time.perf_counter(), time.process_time()
             for _ in range(max_batches):
-                self.model.encode_pixels(self.pixels, "sketch")
+                self.model.encode_pixels(self.pixels, "sketch")  # returns numpy: a GPU run has finished
                 done += len(self.pixels)
                 if time.perf_counter() - start >= seconds:
                     break
@@ -440,12 +445,13 @@ class BareEncoder:
         return out
 
 
-def snapshot_model_dir(root: Path) -> Path:
+def snapshot_model(root: Path) -> tuple[Path, str]:
+    """The snapshot's model directory and the precision its vectors were made in."""
     from index_builder.snapshot import Snapshot
 
     snap = Snapshot.open(root)
     try:
-        return Path(snap.model_dir)
+        return Path(snap.model_dir), snap.precision
     finally:
         snap.close()
 
@@ -471,6 +477,8 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--cpu-runtime", args.cpu_runtime]
     if getattr(args, "batch_workers", None) is not None:
         flags += ["--batch-workers", str(args.batch_workers)]
+    if getattr(args, "device", "cpu") != "cpu":
+        flags += ["--device", args.device]
     report["server_flags"] = flags
     report["env"] = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}
     return Server(args.root, flags)
@@ -487,8 +495,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
     load = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
     report: dict = {"machine": machine(), "root": str(args.root), "sketch_png_bytes": len(png),
                     "load_generator": load}
-    bare = BareEncoder(snapshot_model_dir(args.root), png, args.max_batch, args.torch_threads, args.cpu_runtime)
+    model_dir, precision = snapshot_model(args.root)
+    device = getattr(args, "device", "cpu")
+    bare = BareEncoder(model_dir, png, args.max_batch, args.torch_threads, args.cpu_runtime,
+                       precision, device)
     report["cpu_runtime"] = bare.model.backbone.runtime()
+    report["cpu_precision"] = precision
     server = start_server(args, report, ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
     try:
         report["server_rss_mb_idle"] = round(server.rss_mb(), 1)
@@ -630,6 +642,72 @@ def cmd_soak(args: argparse.Namespace) -> dict:
     return report
 
 
+# Where a sample of the server's CPU goes: the first rule whose text is in the sample's stack wins.
+PROFILE_STAGES = (
+    ("forward (onnxruntime / torch)", ("onnxruntime", "backbones.py", "torch/nn")),
+    ("FAISS search", ("faiss", "snapshot.py:search", "(index_builder/snapshot.py)")),
+    ("metadata lookup (sqlite)", ("lookup", "sqlite")),
+    ("decode upload (PNG) and resize", ("decode_sketch", "load_image", "PIL", "pad_to_square", "preprocess")),
+    ("multipart parse and body read", ("multipart", "read_body")),
+    ("JSON response", ("json", "JSONResponse", "render")),
+    ("metrics (prometheus)", ("prometheus", "metrics.py")),
+    ("batcher and state", ("batcher.py", "state.py")),
+    ("search route", ("routes/search.py",)),
+    ("FastAPI / Starlette / pydantic", ("starlette", "fastapi", "pydantic")),
+    ("HTTP (uvicorn, httptools)", ("httptools", "uvicorn", "h11")),
+    ("asyncio event loop", ("asyncio", "uvloop")),
+    ("thread pools (idle wake-ups)", ("threading.py", "concurrent/futures")),
+)
+
+
+def cmd_profile(args: argparse.Namespace) -> dict:
+    """py-spy samples of the server (all threads, running only) under `clients` wrk connections,
+    grouped by stage: where the fixed cost per request goes."""
+    import collections
+    import tempfile
+
+    png = sketch_png()
+    report: dict = {"machine": machine(), "root": str(args.root), "clients": args.clients}
+    server = start_server(args, report, ["--max-batch", str(args.max_batch)])
+    try:
+        asyncio.run(drive(server.url, png, 1, 20, 60))
+        with tempfile.TemporaryDirectory(prefix="sbir-prof-") as tmp:
+            raw = Path(tmp) / "stacks.txt"
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.proc.pid), "--rate", str(args.rate), "--threads",
+                 "--nonblocking", "--format", "raw", "--duration", str(int(args.seconds)),
+                 "--output", str(raw)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            time.sleep(1)
+            cpu0 = server.cpu_seconds()
+            load = drive_wrk(server.url, png, args.clients, args.seconds + 2)
+            load["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, load["requests"]), 4)
+            _, spy_err = spy.communicate(timeout=args.seconds + 60)
+            stacks = raw.read_text().splitlines() if raw.is_file() else []
+            if not stacks:
+                raise RuntimeError(f"py-spy recorded nothing: {spy_err.strip()[-400:]}")
+            if args.stacks:
+                shutil.copyfile(raw, args.stacks)
+    finally:
+        report["server_exit_code"] = server.stop()
+    counts: collections.Counter = collections.Counter()
+    leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in stacks:
+        stack, _, n = line.rpartition(" ")
+        stage = next((name for name, keys in PROFILE_STAGES if any(k in stack for k in keys)), "other")
+        counts[stage] += int(n)
+        leaves[stage][";".join(stack.split(";")[-2:])] += int(n)
+    total = sum(counts.values()) or 1
+    report["load"] = load
+    report["samples"] = total
+    report["share"] = {k: round(v / total, 4) for k, v in counts.most_common()}
+    cpu_ms = load["server_cpu_s_per_request"] * 1000
+    report["cpu_ms_per_request_by_stage"] = {k: round(v / total * cpu_ms, 3) for k, v in counts.most_common()}
+    report["top_frames"] = {k: [f"{n} {f}" for f, n in leaves[k].most_common(6)] for k, _ in counts.most_common()}
+    return report
+
+
 def cmd_threads(args: argparse.Namespace) -> dict:
     """The encoder and FAISS alone under each OpenMP wait policy and thread count (one child each).
 
@@ -703,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--photos", type=int, default=100_000)
     mk.add_argument("--model", type=Path, default=None, help="checkpoint (default: an untrained one)")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--cpu-precision", choices=("auto", "fp32", "int8"), default=None,
+                    help="the precision the snapshot records, hence the service's (default: auto, int8 with VNNI)")
     run = sub.add_parser("run", help="latency and throughput")
     run.add_argument("--root", type=Path, required=True)
     run.add_argument("--warmup", type=int, default=5)
@@ -720,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-workers", type=int, default=None, help="for the server (default: its own)")
     run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
                      help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
+    run.add_argument("--device", default="cpu", help="the encoder's device, for the server and the bare encoder "
+                     "(cuda: benchmarks/gpu_check.py)")
     run.add_argument("--load", choices=("auto", "wrk", "httpx"), default="auto",
                      help="load generator of the concurrent rounds (auto: wrk when installed)")
     run.add_argument("--json", type=Path, default=None)
@@ -737,6 +819,17 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--reindex-photos", type=Path, default=None, help="the collection ROOT was built from")
     soak.add_argument("--reindex-add", type=int, default=5, help="photos added before each update")
     soak.add_argument("--json", type=Path, default=None)
+    pr = sub.add_parser("profile", help="py-spy profile of the server under wrk load, by stage")
+    pr.add_argument("--root", type=Path, required=True)
+    pr.add_argument("--clients", type=int, default=16)
+    pr.add_argument("--seconds", type=float, default=20)
+    pr.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    pr.add_argument("--stacks", type=Path, default=None, help="also keep py-spy's raw stacks here")
+    pr.add_argument("--max-batch", type=int, default=16)
+    pr.add_argument("--torch-threads", type=int, default=None)
+    pr.add_argument("--faiss-threads", type=int, default=None)
+    pr.add_argument("--batch-workers", type=int, default=None)
+    pr.add_argument("--json", type=Path, default=None)
     th = sub.add_parser("threads", help="encoder and FAISS speed per OpenMP wait policy and thread count")
     th.add_argument("--root", type=Path, required=True)
     th.add_argument("--seconds", type=float, default=6)
@@ -753,9 +846,9 @@ def main(argv: list[str] | None = None) -> int:
     # does. OMP_WAIT_POLICY= (empty) measures libgomp's default instead.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.cmd == "make-index":
-        make_index(args.out, args.photos, args.model, args.seed)
+        make_index(args.out, args.photos, args.model, args.seed, args.cpu_precision)
         return 0
-    report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads}[args.cmd](args)
+    report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads, "profile": cmd_profile}[args.cmd](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

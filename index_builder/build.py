@@ -63,6 +63,9 @@ class BuildOptions:
     batch_size: int | None = None  # None: 32 on the CPU, 256 on a GPU
     workers: int | None = None  # decode processes; None: default_workers()
     threads: int | None = None  # encoder threads on the CPU; None: torch's default (all cores)
+    # fp32, int8 or auto (None: $SBIR_CPU_PRECISION, else auto): auto is int8 on a CPU with VNNI for a
+    # calibrated backbone (model.backbones.cpu_precision_for); an update follows its snapshot's
+    cpu_precision: str | None = None
     chunk_size: int = 512  # photos per checkpoint file
     path_column: str = "path"
     id_column: str = "id"
@@ -222,7 +225,9 @@ def _job(
             f"{photos}: no image files found ({len(collection.skipped)} skipped)", report
         )
 
-    job_dir = root / WORK_DIR / model_sha[:16]
+    config = json.loads((model_src / MODEL_FILES[0]).read_text(encoding="utf-8"))
+    precision = _precision(config, opt, previous if mode == "update" else None)
+    job_dir = job_dir_of(root, model_sha, precision)
     staged = _stage_model(model_src, job_dir, model_sha)
     config = json.loads((staged / MODEL_FILES[0]).read_text(encoding="utf-8"))
 
@@ -233,7 +238,7 @@ def _job(
     model = None
     dim = int(config.get("dim") or 0)
     if not dim:  # older checkpoints do not record their dimension
-        model = _load_model(staged, opt)
+        model = _load_model(staged, opt, precision)
         dim = model.dim
     if opt.index != "auto":
         _plan(1, dim, opt)  # refuse a bad factory string before spending time on embeddings
@@ -257,7 +262,7 @@ def _job(
     t = time.perf_counter()
     stats, embedding = EmbedStats(), {}
     if todo:
-        model = model or _load_model(staged, opt)
+        model = model or _load_model(staged, opt, precision)
         if model.dim != dim:
             raise UserError(f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors")
         workers = default_workers() if opt.workers is None else opt.workers
@@ -276,6 +281,8 @@ def _job(
             "workers": workers,
             "batch_size": batch,
             "device": str(model.device),
+            "precision": model.precision,
+            "runtime": model.backbone.runtime(),
             "threads": _threads(),
             "photos_per_s": round(stats.photos_per_second, 2),
             "forward_photos_per_s": round(stats.forward_photos_per_second, 2),
@@ -363,6 +370,7 @@ def _job(
         len(ids),
         mode,
         embedding.get("device"),
+        precision,
     )
     manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)  # up to writing the snapshot
     report["index"] = manifest["index"]
@@ -435,17 +443,49 @@ def _stage_model(src: Path, job_dir: Path, sha: str) -> Path:
     return staged
 
 
-def _load_model(ckpt: Path, opt: BuildOptions):
+def job_dir_of(root: Path, model_sha: str, precision: str) -> Path:
+    """The work folder of a job: embeddings of one model in one precision (never mixed in a cache)."""
+    return Path(root) / WORK_DIR / (model_sha[:16] + ("" if precision == "fp32" else f"-{precision}"))
+
+
+def _precision(config: dict, opt: BuildOptions, previous: Snapshot | None) -> str:
+    """The backbone precision of this job; an update keeps its snapshot's unless one is asked for."""
+    from model.backbones import cpu_precision_for
+    from model.pipeline import resolve_device
+    from model.quantize import requested_precision
+
+    backbone = config.get("backbone", {})
+    try:
+        requested = requested_precision(opt.cpu_precision)
+        if previous is not None:
+            if requested == "auto":
+                requested = previous.precision
+            elif requested != previous.precision:
+                raise UserError(
+                    f"snapshot {previous.id} holds vectors of the {previous.precision} backbone, --cpu-precision "
+                    f"is {requested}: index and queries must use one precision; pass --rebuild to re-embed "
+                    f"every photo in {requested}"
+                )
+        return cpu_precision_for(backbone.get("name", ""), requested, resolve_device(opt.device),
+                                 tuned=bool(backbone.get("finetuned")))
+    except (ValueError, KeyError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _load_model(ckpt: Path, opt: BuildOptions, precision: str):
     import torch
 
     from model.pipeline import SBIRModel
 
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    model = SBIRModel.load(ckpt, device=opt.device)
+    try:
+        model = SBIRModel.load(ckpt, device=opt.device, cpu_precision=precision)
+    except RuntimeError as exc:  # an int8 graph that cannot be made or does not agree
+        raise UserError(f"{exc}; build with --cpu-precision fp32") from None
     if model.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolutions once
-    LOG.info("model %s on %s, %d-d", model.sha256[:12], model.device, model.dim)
+    LOG.info("model %s on %s (%s), %d-d", model.sha256[:12], model.device, model.backbone.runtime(), model.dim)
     return model
 
 
@@ -545,7 +585,7 @@ def _plan(n: int, dim: int, opt: BuildOptions) -> faiss_index.IndexPlan:
     return faiss_index.IndexPlan(opt.index, faiss_index.kind_of(opt.index), "given with --index", None)
 
 
-def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, count, mode, device) -> dict:
+def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, count, mode, device, precision) -> dict:
     import faiss
     import torch
 
@@ -566,6 +606,8 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
             "config": config,
             "backbone": backbone.get("name"),
             "backbone_weights_sha256": backbone.get("weights_sha256"),
+            # what the backbone ran in: the service encodes queries in the same (service/state.py)
+            "precision": precision,
             "dim": dim,
             "dir": "model",
         },

@@ -111,6 +111,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="encoder threads on the CPU (default: all cores)"
     )
     e.add_argument("--chunk-size", type=int, default=512, help="photos per checkpoint chunk (default 512)")
+    e.add_argument(
+        "--cpu-precision", choices=["auto", "fp32", "int8"], default=None,
+        help="backbone precision on the CPU (default $SBIR_CPU_PRECISION, else auto: int8 where the CPU has "
+        "VNNI; an update keeps its snapshot's); recorded in the snapshot, and the service encodes queries in it",
+    )  # fmt: skip
     m = p.add_argument_group("manifest")
     m.add_argument("--path-column", default="path", help="manifest column with the photo path (default path)")
     m.add_argument("--id-column", default="id", help="manifest column with a photo id (default id; optional)")
@@ -139,6 +144,7 @@ def _options(args):
         workers=args.workers,
         threads=args.threads,
         chunk_size=args.chunk_size,
+        cpu_precision=args.cpu_precision,
         path_column=args.path_column,
         id_column=args.id_column,
         photo_root=args.photo_root,

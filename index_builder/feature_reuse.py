@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.build import WORK_DIR
+from index_builder.build import job_dir_of
 from index_builder.embed import EmbeddingCache
 from model.data.dataset import Record, resolve_path
 from model.features import FeatureSet
@@ -25,13 +25,18 @@ LOG = logging.getLogger(__name__)
 
 
 def seed_cache_from_features(
-    root: Path, model_dir: Path, dataset: Path, records: Sequence[Record], features_dir: Path
+    root: Path, model_dir: Path, dataset: Path, records: Sequence[Record], features_dir: Path,
+    precision: str = "fp32",
 ) -> int:
-    """Put the photo embeddings computable from cached features into ROOT's job cache; return how many."""
+    """Put the photo embeddings computable from cached features into ROOT's job cache for a build in
+    `precision` (fp32 or int8); return how many."""
     model = SBIRModel.load(model_dir, device="cpu", with_backbone=False)
     fs = FeatureSet.load(features_dir)
     if fs.meta["plan"]["backbone"]["weights_sha256"] != model.config["backbone"]["weights_sha256"]:
         LOG.info("feature cache %s was made with another backbone: not reused", features_dir)
+        return 0
+    if fs.meta["plan"]["backbone"].get("precision", "fp32") != precision:
+        LOG.info("feature cache %s was made in another precision than %s: not reused", features_dir, precision)
         return 0
     rows = np.flatnonzero(
         (fs.view == 0) & np.isin(fs.record, [i for i, r in enumerate(records) if r.domain == "photo"])
@@ -40,7 +45,7 @@ def seed_cache_from_features(
         hashlib.sha256(resolve_path(dataset, records[int(fs.record[i])]).read_bytes()).hexdigest()
         for i in rows
     ]
-    cache = EmbeddingCache(Path(root) / WORK_DIR / checkpoint_sha256(model_dir)[:16] / "chunks", model.dim)
+    cache = EmbeddingCache(job_dir_of(root, checkpoint_sha256(model_dir), precision) / "chunks", model.dim)
     keep = [j for j, s in enumerate(shas) if s not in cache]
     if not keep:
         return 0

@@ -152,6 +152,8 @@ class Snapshot:
         self.dim: int = int(manifest["dim"])
         self.count: int = int(manifest["count"])
         self.model_sha256: str = manifest["model"]["sha256"]
+        # the backbone precision its vectors were made in; snapshots before int8 existed are fp32
+        self.precision: str = manifest["model"].get("precision", "fp32")
         self.model_dir: Path = path / MODEL_DIR
         self.factory: str = manifest["index"]["factory"]
         self._index = index

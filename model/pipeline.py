@@ -170,8 +170,13 @@ class SBIRModel:
         backbone_weights: str | Path | None = None,
         cpu_runtime: str | None = None,
         cpu_threads: int | None = None,
+        cpu_precision: str | None = None,
     ) -> SBIRModel:
-        """Load a checkpoint. The backbone is rebuilt by name and its weights' sha256 must match."""
+        """Load a checkpoint. The backbone is rebuilt by name and its weights' sha256 must match.
+
+        `cpu_precision`: fp32, int8 or auto (model.backbones.cpu_precision_for); the loaded backbone's
+        `precision` says which one runs.
+        """
         from safetensors.torch import load_file
 
         from sbir.errors import UserError
@@ -204,12 +209,17 @@ class SBIRModel:
         backbone = None
         if with_backbone:
             bb = config["backbone"]
+            from model.quantize import requested_precision
+
+            if resolve_device(device).type != "cpu" and requested_precision(cpu_precision) == "int8":
+                raise UserError(f"{ckpt_dir}: int8 runs on the CPU only; on {resolve_device(device)} the backbone "
+                                "runs in float (fp16 autocast)")
             try:
                 backbone = create_backbone(
                     bb["name"], weights_path=backbone_weights, expected_sha256=bb["weights_sha256"],
                     # onnxruntime is the CPU path only: on a GPU the backbone runs in torch
                     cpu_runtime=cpu_runtime if resolve_device(device).type == "cpu" else "torch",
-                    cpu_threads=cpu_threads, tuned=tuned or None,
+                    cpu_threads=cpu_threads, tuned=tuned or None, cpu_precision=cpu_precision,
                     tuned_info={k: v for k, v in (tuned_info or {}).items() if k not in ("tensors", "sha256")},
                 )
             except ValueError as exc:  # tuned tensors that do not fit the backbone
@@ -219,9 +229,15 @@ class SBIRModel:
         model.sha256 = checkpoint_sha256(ckpt_dir)
         return model
 
+    @property
+    def precision(self) -> str:
+        """"int8" or "fp32": what the backbone runs in (model.backbones.cpu_precision_for)."""
+        return self.backbone.precision if self.backbone is not None else "fp32"
+
     def describe(self) -> dict:
         return {
             "sha256": self.sha256,
+            "precision": self.precision,
             "embedding": self.embedding,
             "dim": self.dim,
             "backbone": self.config.get("backbone"),

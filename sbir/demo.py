@@ -154,9 +154,12 @@ def cmd_demo(args) -> int:
     else:
         from index_builder.feature_reuse import seed_cache_from_features
 
-        seeded = seed_cache_from_features(index_root, model_dir, data, records, feat_dir)
+        # in the feature cache's precision (fp32), so that its photo features are reused
+        precision = fs.meta["plan"]["backbone"].get("precision", "fp32")
+        seeded = seed_cache_from_features(index_root, model_dir, data, records, feat_dir, precision)
         print(f"      {seeded} photo embeddings taken from the feature cache")
-        result = build(manifest, index_root, model_dir, BuildOptions(device=args.device, photo_root=data))
+        options = BuildOptions(device=args.device, photo_root=data, cpu_precision=precision)
+        result = build(manifest, index_root, model_dir, options)
         print(f"      published snapshot {result.snapshot_id}")
     print(f"      ready after {time.perf_counter() - t0:.0f} s")
     if args.no_serve:

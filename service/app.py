@@ -38,7 +38,7 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     metrics = ServiceMetrics()
     state = ServingState(
         settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
-        cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads,
+        cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads, cpu_precision=settings.cpu_precision,
     )
     batcher = MicroBatcher(
         lambda pair, payloads: pair.encode_and_search(payloads),

@@ -26,6 +26,7 @@ _FLAGS = (
     ("--decode-threads", int, "threads decoding uploads (default 2)"),
     ("--torch-threads", int, "encoder threads on the CPU, torch's or onnxruntime's (default: all cores)"),
     ("--cpu-runtime", str, "backbone on the CPU: auto, onnxruntime or torch (default auto)"),
+    ("--cpu-precision", str, "backbone precision on the CPU: auto (the snapshot's), fp32 or int8 (default auto)"),
     ("--faiss-threads", int, "FAISS search threads (default 1)"),
     ("--reload-interval", float, "seconds between polls of ROOT/CURRENT, 0 to never poll (default 2)"),
     ("--max-thumbnail", int, "largest /photos thumbnail side (default 1024)"),

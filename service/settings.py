@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="how the backbone runs on the CPU: onnxruntime (about 2.6x faster), torch, or auto "
         "(onnxruntime unless it cannot export or disagrees with torch)",
     )
+    cpu_precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="precision of the backbone on the CPU: auto encodes queries in the precision the snapshot "
+        "was indexed in (int8 where the CPU has VNNI, by default); fp32 or int8 refuses a snapshot indexed "
+        "in the other one",
+    )
     faiss_threads: int | None = Field(
         1,
         ge=1,

@@ -142,38 +142,64 @@ class ServingPair:
 
 
 class ModelCache:
-    """Models by checkpoint sha256, so a snapshot built with the serving model reuses its weights."""
+    """Models by checkpoint sha256 and precision, so a snapshot built with the serving model reuses it.
 
-    def __init__(self, device: str, cpu_runtime: str | None = None, cpu_threads: int | None = None):
+    `cpu_precision` is the service's setting: "auto" encodes queries in the precision each snapshot
+    records; "fp32" or "int8" refuses a snapshot built in the other one (`precision_for`).
+    """
+
+    def __init__(self, device: str, cpu_runtime: str | None = None, cpu_threads: int | None = None,
+                 cpu_precision: str = "auto"):
         self.device = device
         self.cpu_runtime = cpu_runtime
         self.cpu_threads = cpu_threads
-        self._models: dict[str, Any] = {}
+        self.cpu_precision = cpu_precision
+        self._models: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, model_dir: Path, sha256: str) -> Any:
+    def precision_for(self, snapshot: Any) -> str:
+        """The precision queries of `snapshot` must be encoded in; UserError if the setting forbids it."""
+        built = getattr(snapshot, "precision", "fp32")
+        if self.cpu_precision not in ("auto", built):
+            raise UserError(
+                f"snapshot {snapshot.id} was indexed by the {built} backbone and this service is set to encode "
+                f"queries in {self.cpu_precision} (SBIR_CPU_PRECISION / --cpu-precision): index and queries "
+                f"must use one precision; set it to {built} or auto, or rebuild the index with "
+                f"--cpu-precision {self.cpu_precision}"
+            )
+        return built
+
+    def get(self, model_dir: Path, sha256: str, precision: str | None = None) -> Any:
+        """The model of `model_dir`, its backbone in `precision` (None: the setting's, resolved as
+        model.backbones.cpu_precision_for does)."""
+        key = (sha256, precision)
         with self._lock:
-            model = self._models.get(sha256)
+            model = self._models.get(key)
         if model is not None:
             LOG.info("model %s already loaded: reusing it", sha256[:12])
             return model
         from model.pipeline import SBIRModel
 
         LOG.info("loading model %s from %s on %s", sha256[:12], model_dir, self.device)
-        model = SBIRModel.load(model_dir, device=self.device, cpu_runtime=self.cpu_runtime,
-                               cpu_threads=self.cpu_threads)
+        try:
+            model = SBIRModel.load(model_dir, device=self.device, cpu_runtime=self.cpu_runtime,
+                                   cpu_threads=self.cpu_threads, cpu_precision=precision or self.cpu_precision)
+        except RuntimeError as exc:  # an int8 graph that cannot be made here
+            raise UserError(str(exc)) from None
         if model.sha256 != sha256:
             raise UserError(
                 f"the checkpoint in {model_dir} has sha256 {model.sha256}, the snapshot expects {sha256}"
             )
+        if precision is not None and model.precision != precision:
+            raise UserError(f"the model in {model_dir} runs in {model.precision}, the snapshot needs {precision}")
         with self._lock:
-            self._models[sha256] = model
+            self._models[key] = model
         return model
 
-    def keep_only(self, sha256: str) -> None:
+    def keep_only(self, sha256: str, precision: str | None = None) -> None:
         """Forget other models (pairs still serving keep their own reference until they close)."""
         with self._lock:
-            self._models = {k: v for k, v in self._models.items() if k == sha256}
+            self._models = {k: v for k, v in self._models.items() if k == (sha256, precision)}
 
 
 def default_snapshot_module() -> ModuleType:
@@ -184,7 +210,7 @@ def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: Model
     """Blocking: open a snapshot, get its model, check they fit, warm both up."""
     snapshot = snapshots.Snapshot.open(root, snapshot_id)
     try:
-        model = models.get(Path(snapshot.model_dir), snapshot.model_sha256)
+        model = models.get(Path(snapshot.model_dir), snapshot.model_sha256, models.precision_for(snapshot))
         if model.dim != snapshot.dim:
             raise UserError(
                 f"snapshot {snapshot.id} holds {snapshot.dim}-d vectors, its model makes {model.dim}-d"
@@ -222,11 +248,12 @@ class ServingState:
         snapshots: ModuleType | None = None,
         cpu_runtime: str | None = None,
         cpu_threads: int | None = None,
+        cpu_precision: str = "auto",
     ):
         self.root = Path(root)
         self.metrics = metrics
         self.reload_interval_s = reload_interval_s
-        self.models = ModelCache(device, cpu_runtime, cpu_threads)
+        self.models = ModelCache(device, cpu_runtime, cpu_threads, cpu_precision)
         self._snapshots = snapshots
         self.current: ServingPair | None = None
         self.last_reload_error: dict | None = None
@@ -358,7 +385,7 @@ class ServingState:
                 "seconds": round(seconds, 3),
                 "reason": reason,
             }
-            self.models.keep_only(pair.snapshot.model_sha256)
+            self.models.keep_only(pair.snapshot.model_sha256, pair.model.precision)
             self.metrics.serving(pair.id, pair.snapshot.model_sha256, int(pair.snapshot.count))
             self.metrics.reloads.labels("ok").inc()
             LOG.info(

@@ -11,6 +11,16 @@ def _two_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_unless_told():
+    """The suite runs the float32 backbone (its tests compare with torch to 1e-4) unless
+    SBIR_CPU_PRECISION says otherwise; tests/test_int8.py covers int8 and "auto" explicitly.
+    Set in os.environ so that the `sbir` subprocesses of the end-to-end tests inherit it."""
+    import os
+
+    os.environ.setdefault("SBIR_CPU_PRECISION", "fp32")
+
+
 @pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory):
     """A complete checkpoint directory: EfficientNet-Lite2 + adapter + IIAE with seeded random heads.

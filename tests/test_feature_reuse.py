@@ -32,6 +32,8 @@ def test_seeded_cache_gives_the_same_index_without_embedding(untrained_checkpoin
     seeded_root, plain_root = tmp_path / "seeded", tmp_path / "plain"
     seeded_root.mkdir()
     assert seed_cache_from_features(seeded_root, untrained_checkpoint, data, records, fs_dir) == 5
+    # fp32 features are never taken for a build in int8 (index and queries in one precision)
+    assert seed_cache_from_features(tmp_path / "int8", untrained_checkpoint, data, records, fs_dir, "int8") == 0
     opts = BuildOptions(workers=0, progress=False)
     seeded = build(data, seeded_root, untrained_checkpoint, opts)
     plain = build(data, plain_root, untrained_checkpoint, opts)

@@ -1,0 +1,258 @@
+"""int8 CPU inference of a backbone: onnxruntime's static quantization (QDQ) from recorded ranges.
+
+`calibrate` measures the activation ranges of a backbone's exported graph on a seeded sample of a
+dataset's training images (sketches and photos) and writes them, with the recipe that produced them,
+to a calibration file that the backbone registry names. `quantize` turns the exported float32 graph
+into the int8 one from that file: no images are needed at load time and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+CALIBRATION_FORMAT = "sbir-int8-calibration/1"
+# What SBIR_CPU_PRECISION / --cpu-precision accept; "auto" resolves to one of the other two.
+CPU_PRECISIONS = ("auto", "fp32", "int8")
+# Convolutions with their ReLU6 (Clip) and the residual Adds run in int8; the first normalisation
+# (Sub, Mul), the average pools (ReduceMean) and the concatenation of the pooled features stay in
+# float32, so the features themselves are not rounded to 256 levels. With only Conv quantized, each
+# convolution's output was quantized over its pre-ReLU6 range: mean cosine to fp32 0.963 and slower
+# (docs/BENCHMARKS.md, int8).
+QUANTIZED_OPS = ("Conv", "Clip", "Add")
+# CPU flags of an 8-bit dot-product instruction that onnxruntime's int8 kernels use.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx512vnni", "asimddp")
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """How a calibration file's ranges were measured: enough to measure them again."""
+
+    dataset: str  # the dataset directory's name, e.g. "emoji"
+    manifest_sha256: str
+    split: str  # only its training classes are sampled
+    seed: int
+    per_domain: int  # images per domain (sketch, photo), as they are (no augmented renders)
+    method: str = "MinMax"  # onnxruntime CalibrationMethod name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has VNNI / AVX-512 VNNI (x86) or the dot-product extension (Arm)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return any(f in flags for f in VNNI_FLAGS)
+
+
+def requested_precision(precision: str | None) -> str:
+    """The precision asked for: the argument, else $SBIR_CPU_PRECISION, else "auto"; validated."""
+    precision = precision or os.environ.get("SBIR_CPU_PRECISION") or "auto"
+    if precision not in CPU_PRECISIONS:
+        raise ValueError(f"unknown CPU precision {precision!r}; choose one of {', '.join(CPU_PRECISIONS)}")
+    return precision
+
+
+def calibration_file(name: str | None) -> Path | None:
+    return CALIBRATION_DIR / name if name else None
+
+
+def read_calibration(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"{path} is not an int8 calibration file ({CALIBRATION_FORMAT})")
+    return data
+
+
+def _quantize_kwargs() -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    # QUInt8 activations and QInt8 weights, not range-reduced: onnxruntime's advice for VNNI CPUs.
+    return dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(QUANTIZED_OPS))
+
+
+def _preprocess(fp32_onnx: bytes, tmp: Path) -> Path:
+    """onnxruntime's recommended pre-pass: shape inference and constant folding (the export's
+    'same' padding arithmetic becomes plain Pad/Conv), so the quantizer sees Conv-Clip-Add chains."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = tmp / "fp32.onnx", tmp / "pre.onnx"
+    src.write_bytes(fp32_onnx)
+    quant_pre_process(str(src), str(dst))
+    return dst
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SBIR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sbir"
+    )
+    return Path(base) / "int8"
+
+
+def quantize(fp32_onnx: bytes, calibration: Path) -> bytes:
+    """The int8 (QDQ) graph of an exported float32 graph, from a calibration file's ranges.
+
+    Quantizing takes about 10 s on two cores, so the result is kept in a local cache file
+    ($SBIR_CACHE_DIR, default ~/.cache/sbir, `int8/`) named by the sha256 of everything it depends
+    on (the float32 graph, the ranges, the options, onnxruntime's version); an unwritable cache only
+    costs the time.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import quantize_static
+
+    data = read_calibration(calibration)
+    key = hashlib.sha256()
+    for part in (fp32_onnx, json.dumps(data["ranges"], sort_keys=True).encode(),
+                 repr(sorted(_quantize_kwargs().items())).encode(), ort.__version__.encode()):
+        key.update(hashlib.sha256(part).digest())
+    cached = _cache_dir() / f"{key.hexdigest()}.onnx"
+    if cached.is_file():  # written atomically: complete or absent
+        LOG.info("int8 graph from the cache %s", cached)
+        return cached.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="sbir-int8-") as tmp_name:
+        tmp = Path(tmp_name)
+        pre = _preprocess(fp32_onnx, tmp)
+        _check_ranges(pre, data["ranges"], calibration)
+        ranges = tmp / "ranges.json"
+        ranges.write_text(json.dumps(data["ranges"]))
+        out = tmp / "int8.onnx"
+        with _quiet():
+            quantize_static(str(pre), str(out), None, calibrate_method=_method(data["recipe"]["method"]),
+                            calibration_cache_path=str(ranges), **_quantize_kwargs())
+        blob = out.read_bytes()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False, suffix=".tmp") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, cached)
+    except OSError as exc:
+        LOG.info("int8 graph not cached (%s): it is quantized again on the next load", exc)
+    return blob
+
+
+class _QuietQuantizer(logging.Filter):
+    """onnxruntime's quantizer logs a line per adjusted weight scale on the root logger: drop them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet():
+    quiet = _QuietQuantizer()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    try:
+        return CalibrationMethod[name]
+    except KeyError:
+        raise ValueError(f"unknown calibration method {name!r}") from None
+
+
+def _check_ranges(graph: Path, ranges: dict, calibration: Path) -> None:
+    """Every tensor the quantizer needs a range for has one: else the export changed (another torch?)."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    constants = {t.name for t in model.graph.initializer}
+    needed = {t for n in model.graph.node if n.op_type in QUANTIZED_OPS for t in [*n.input, *n.output]}
+    needed -= constants | {""}
+    missing = sorted(needed - set(ranges["data"]))
+    if missing:
+        raise RuntimeError(
+            f"{calibration.name} has no range for {len(missing)} tensors of this graph (e.g. {missing[0]}): "
+            "it was calibrated on another export; run `sbir calibrate` again"
+        )
+
+
+def sample_calibration_records(records: Sequence, train_classes: Iterable[str], recipe: CalibrationRecipe) -> list[int]:
+    """Indices of `per_domain` sketches and as many photos of the training classes, drawn with `seed`."""
+    train = set(train_classes)
+    rng = random.Random(recipe.seed)
+    chosen: list[int] = []
+    for domain in ("sketch", "photo"):
+        pool = [i for i, r in enumerate(records) if r.domain == domain and r.category in train]
+        if len(pool) < recipe.per_domain:
+            raise ValueError(f"only {len(pool)} {domain}es of training classes, {recipe.per_domain} wanted")
+        chosen += sorted(rng.sample(pool, recipe.per_domain))
+    return chosen
+
+
+def calibrate_dataset(dataset: Path, backbone_name: str, recipe: CalibrationRecipe, out: Path) -> dict:
+    """`sbir calibrate`: sample the recipe's images from `dataset`, measure, write `out`."""
+    from model.backbones import create_backbone, export_onnx
+    from model.data.dataset import load_split, read_manifest, resolve_path
+    from model.images import load_image
+
+    records = read_manifest(dataset)
+    split = load_split(dataset, recipe.split)
+    chosen = sample_calibration_records(records, split.train, recipe)
+    backbone = create_backbone(backbone_name, cpu_runtime="torch", cpu_precision="fp32")
+    pixels = [backbone.preprocess(load_image(resolve_path(dataset, records[i]))).numpy() for i in chosen]
+    graph = export_onnx(backbone.net, backbone.image_size, backbone.spec.mean, backbone.spec.std)
+    return calibrate(graph, pixels, recipe, backbone.describe(), [records[i].path for i in chosen], out)
+
+
+def calibrate(fp32_onnx: bytes, pixels: Sequence[np.ndarray], recipe: CalibrationRecipe, backbone: dict,
+              paths: Sequence[str], out: Path) -> dict:
+    """Measure activation ranges of the graph on `pixels` (uint8 (3,S,S) each) and write the file."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(pixels)
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {"pixels": item[None].astype(np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="sbir-calibrate-") as tmp_name:
+        tmp = Path(tmp_name)
+        pre = _preprocess(fp32_onnx, tmp)
+        cache = tmp / "ranges.json"
+        with _quiet():
+            quantize_static(str(pre), str(tmp / "int8.onnx"), Reader(), calibrate_method=_method(recipe.method),
+                            calibration_cache_path=str(cache), **_quantize_kwargs())
+        ranges = json.loads(cache.read_text())
+    data = {
+        "format": CALIBRATION_FORMAT,
+        "backbone": backbone,
+        "recipe": recipe.to_dict(),
+        "images": list(paths),
+        "quantized_ops": list(QUANTIZED_OPS),
+        "ranges": ranges,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return data

@@ -1,0 +1,175 @@
+"""The int8 CPU backbone: it loads, agrees with float32, is chosen as documented, and index and queries
+never mix precisions (the snapshot records it, the service and updates refuse a mismatch)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_index_support import build_cli, make_photos, sbir
+
+from index_builder.snapshot import Snapshot
+from model import quantize
+from model.backbones import INT8_MIN_COSINE, cpu_precision_for, create_backbone, int8_probe
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tmp_path_factory):
+    """A fresh int8 cache for this module: the first load quantizes, the later ones read the file."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("int8-cache")
+        mp.setenv("SBIR_CACHE_DIR", str(path))
+        yield path / "int8"
+
+
+@pytest.fixture(scope="module")
+def backbones(int8_cache):
+    fp32 = create_backbone("efficientnet_lite2", cpu_runtime="torch")
+    int8 = create_backbone("efficientnet_lite2", cpu_precision="int8", cpu_threads=1)
+    return fp32, int8
+
+
+def drawing(size: int = 64) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    d.ellipse((8, 8, 56, 56), outline="black", width=3)
+    d.line((16, 40, 48, 24), fill="black", width=3)
+    return img
+
+
+def test_int8_graph_loads_is_quantized_and_agrees_with_fp32(backbones, int8_cache):
+    import onnx
+
+    fp32, int8 = backbones
+    assert int8.precision == "int8" and fp32.precision == "fp32"
+    assert int8.runtime().endswith("int8 (1 thread)")
+    assert int8.describe()["precision"] == "int8" and "precision" not in fp32.describe()
+    (cached,) = int8_cache.glob("*.onnx")  # the quantized graph, kept by a hash of its inputs
+    ops = {n.op_type for n in onnx.load(str(cached)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    pixels = torch.cat([torch.stack([int8.preprocess(drawing())]), int8_probe(int8.image_size)])
+    with torch.no_grad():
+        want, got = fp32(pixels), int8(pixels)
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cosine.min() >= INT8_MIN_COSINE, cosine
+    assert (got - want).abs().max() > 1e-3  # really another computation, not the float graph
+    # the second load reads the cached graph and computes the same numbers
+    again = create_backbone("efficientnet_lite2", cpu_precision="int8", cpu_threads=1)
+    assert len(list(int8_cache.glob("*.onnx"))) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels), got)
+
+
+def test_auto_precision_follows_the_cpu_and_the_registry(monkeypatch):
+    monkeypatch.delenv("SBIR_CPU_PRECISION", raising=False)
+    monkeypatch.delenv("SBIR_CPU_RUNTIME", raising=False)
+    monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: True)
+    assert cpu_precision_for("efficientnet_lite2_ms") == "int8"
+    assert cpu_precision_for("mobilenet_v2") == "fp32"  # no calibration: float32
+    assert cpu_precision_for("efficientnet_lite2_ms", tuned=True) == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", cpu_runtime="torch") == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", device="cuda") == "fp32"
+    monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: False)
+    assert cpu_precision_for("efficientnet_lite2_ms") == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", "int8") == "int8"  # asked for: slower, but honoured
+    monkeypatch.setenv("SBIR_CPU_PRECISION", "int8")
+    assert cpu_precision_for("efficientnet_lite2") == "int8"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "mobilenet_v2"}, "has no int8 calibration"),
+        ({"name": "efficientnet_lite2", "tuned": True}, "fine-tuned"),
+        ({"name": "efficientnet_lite2", "default_weights": False}, "registry's weights"),
+        ({"name": "efficientnet_lite2", "device": "cuda"}, "CPU only"),
+    ],
+)
+def test_int8_that_cannot_be_honoured_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_precision_for(requested="int8", **kwargs)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown CPU precision 'int4'"):
+        cpu_precision_for("efficientnet_lite2", "int4")
+
+
+def test_calibration_of_another_export_is_a_clear_error(tmp_path, backbones):
+    from model.backbones import export_onnx
+
+    fp32, _ = backbones
+    data = quantize.read_calibration(quantize.calibration_file(fp32.spec.int8_calibration))
+    data["ranges"]["data"] = {k: v for k, v in list(data["ranges"]["data"].items())[:5]}
+    broken = tmp_path / "broken.int8.json"
+    broken.write_text(json.dumps(data))
+    graph = export_onnx(fp32.net, fp32.image_size, fp32.spec.mean, fp32.spec.std)
+    with pytest.raises(RuntimeError, match="no range for .* tensors .* run `sbir calibrate` again"):
+        quantize.quantize(graph, broken)
+
+
+def test_calibration_sample_is_seeded_and_from_training_classes():
+    from types import SimpleNamespace
+
+    records = [SimpleNamespace(domain=d, category=c) for c in "abcd" for d in ("sketch", "photo", "photo")]
+    recipe = quantize.CalibrationRecipe("toy", "0" * 64, "s", seed=3, per_domain=2)
+    chosen = quantize.sample_calibration_records(records, ["a", "b"], recipe)
+    assert chosen == quantize.sample_calibration_records(records, ["a", "b"], recipe)
+    assert [records[i].domain for i in chosen] == ["sketch"] * 2 + ["photo"] * 2
+    assert {records[i].category for i in chosen} <= {"a", "b"}
+    with pytest.raises(ValueError, match="only 2 sketches"):
+        quantize.sample_calibration_records(records, ["a", "b"], quantize.CalibrationRecipe("t", "", "s", 0, 3))
+
+
+def test_snapshot_records_int8_and_the_service_refuses_another_precision(
+    tmp_path, untrained_checkpoint, int8_cache, capsys
+):
+    from fastapi.testclient import TestClient
+
+    from model.pipeline import SBIRModel
+    from service.app import create_app
+    from service.settings import Settings
+
+    photos = tmp_path / "photos"
+    make_photos(photos, range(3))
+    root = tmp_path / "index"
+    report = build_cli(photos, untrained_checkpoint, root, "--cpu-precision", "int8")
+    assert report["embedding"]["precision"] == "int8"
+    model = SBIRModel.load(untrained_checkpoint, device="cpu", cpu_precision="int8", cpu_threads=1)
+    with Snapshot.open(root) as snap:
+        assert snap.precision == "int8" and snap.manifest["model"]["precision"] == "int8"
+        # the stored vectors are the int8 model's
+        path = sorted(photos.iterdir())[0]
+        vec = model.encode_pixels(torch.stack([model.preprocess(Image.open(path))]), "photo")
+        scores, _ = snap.search(np.ascontiguousarray(vec), 1)
+        assert scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+    # an update keeps the snapshot's precision unless told otherwise, and refuses another one
+    capsys.readouterr()
+    assert sbir("index", "update", root, photos, "--cpu-precision", "fp32", "--workers", 0, "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "holds vectors of the int8 backbone" in err and "--rebuild" in err
+
+    strokes = {"strokes": [[[0, 50, 100], [0, 80, 0]]]}
+    refused = create_app(Settings(snapshot_root=root, device="cpu", cpu_precision="fp32", reload_interval_s=0))
+    with TestClient(refused) as client:
+        assert client.get("/readyz").status_code == 503
+        message = refused.state.service.state.last_reload_error["message"]
+        assert "indexed by the int8 backbone" in message and "set to encode queries in fp32" in message
+        assert client.post("/search", json=strokes).status_code == 503
+    served = create_app(Settings(snapshot_root=root, device="cpu", cpu_precision="auto", reload_interval_s=0))
+    with TestClient(served) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/info").json()["model"]["precision"] == "int8"
+        assert client.post("/search", json=strokes).status_code == 200
+
+
+def test_int8_on_a_gpu_is_refused_before_anything_loads(untrained_checkpoint):
+    from model.pipeline import SBIRModel
+    from sbir.errors import UserError
+
+    with pytest.raises(UserError, match="int8 runs on the CPU only"):
+        SBIRModel.load(untrained_checkpoint, device="cuda", cpu_precision="int8")
