@@ -354,16 +354,8 @@ def _job(
         return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
 
     t = time.perf_counter()
-    n_shards, shard_reason, plan = _shard_plan(ids, dim, opt)
-    if n_shards == 1:
-        index = faiss_index.build_index(vectors, ids, plan.factory)
-    else:
-        parts = faiss_index.split_shards(vectors, ids, n_shards)
-        if cluster is not None:
-            shards = build_shards_on_ray(cluster, parts, plan.factory)
-        else:
-            shards = faiss_index.build_shards(parts, plan.factory, opt.threads)
-        index = faiss_index.combine_shards(shards, use_gpu=False)
+    n_shards, shard_reason, plan = shard_plan(ids, dim, opt)
+    index = build_sharded_index(vectors, ids, plan.factory, n_shards, opt.threads, cluster)
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
     recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
@@ -585,7 +577,7 @@ def _unchanged(previous: Snapshot, prev_rows: dict, rows: list, opt: BuildOption
     return len(prev_rows) == len(rows) and all(prev_rows.get(r[0]) == r[1:] for r in rows)
 
 
-def _shard_plan(ids: np.ndarray, dim: int, opt: BuildOptions) -> tuple[int, str, faiss_index.IndexPlan]:
+def shard_plan(ids: np.ndarray, dim: int, opt: BuildOptions) -> tuple[int, str, faiss_index.IndexPlan]:
     """Shard count (given, or the fewest whose index fits --shard-memory each) and the index of a shard:
     chosen as for a collection of the largest shard's size with its share of the memory budget."""
     whole = _plan(len(ids), dim, opt)
@@ -604,6 +596,19 @@ def _shard_plan(ids: np.ndarray, dim: int, opt: BuildOptions) -> tuple[int, str,
         raise UserError(f"--shards {n_shards}: some shards would be empty with {len(ids)} photos; use fewer")
     share = BuildOptions(**{**opt.__dict__, "memory_budget": opt.memory_budget // n_shards})
     return n_shards, reason, _plan(int(sizes.max()), dim, share)
+
+
+def build_sharded_index(vectors, ids, factory: str, n_shards: int, threads: int | None = None, cluster=None):
+    """The job's index: one faiss index, or `n_shards` built in parallel (threads here, or tasks on the
+    Ray cluster) and combined for search."""
+    if n_shards == 1:
+        return faiss_index.build_index(vectors, ids, factory)
+    parts = faiss_index.split_shards(vectors, ids, n_shards)
+    if cluster is not None:
+        shards = build_shards_on_ray(cluster, parts, factory)
+    else:
+        shards = faiss_index.build_shards(parts, factory, threads)
+    return faiss_index.combine_shards(shards, use_gpu=False)
 
 
 def _plan(n: int, dim: int, opt: BuildOptions) -> faiss_index.IndexPlan:
