@@ -243,7 +243,7 @@ class Snapshot:
             if not (path / rel).is_file():
                 raise SnapshotError(f"snapshot {snapshot_id} lacks {rel}")
         _check_model(path, manifest)
-        index = _read_index(path, manifest)
+        index = _read_index(path, manifest, on_gpus=not verify)  # verify reads the ids: CPU
         db = _open_db(path / PHOTOS_DB, manifest)
         snap = cls(path, manifest, index, db)
         if verify:
@@ -376,8 +376,9 @@ def _check_model(path: Path, manifest: dict) -> None:
         )
 
 
-def _read_index(path: Path, manifest: dict):
-    """The snapshot's index with its search parameters applied; several shards are searched together."""
+def _read_index(path: Path, manifest: dict, on_gpus: bool = True):
+    """The snapshot's index with its search parameters applied; several shards are searched together
+    (spread over the GPUs if `on_gpus` and faiss sees any)."""
     import faiss
 
     from index_builder import faiss_index
@@ -400,7 +401,9 @@ def _read_index(path: Path, manifest: dict):
         except RuntimeError as exc:
             raise SnapshotError(f"{path}: cannot apply search parameters {params}: {exc}") from None
         parts.append(index)
-    return parts[0] if len(parts) == 1 else faiss_index.combine_shards(parts)
+    return (
+        parts[0] if len(parts) == 1 else faiss_index.combine_shards(parts, use_gpu=None if on_gpus else False)
+    )
 
 
 def _open_db(path: Path, manifest: dict) -> sqlite3.Connection:

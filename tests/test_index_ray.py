@@ -128,6 +128,22 @@ def ray_env(ray_cluster, monkeypatch):
     return address, env
 
 
+def test_the_actor_pool_takes_one_gpu_per_actor_or_the_cluster_cpus():
+    from index_builder.ray_build import actor_pool
+    from sbir.errors import UserError
+
+    assert actor_pool({"CPU": 8.0, "GPU": 4.0}, "auto", None, 1.0) == (
+        4,
+        {"num_gpus": 1, "num_cpus": 1.0},
+        "cuda",
+    )
+    assert actor_pool({"CPU": 8.0, "GPU": 4.0}, "cpu", None, 2.0) == (4, {"num_cpus": 2.0}, "cpu")
+    assert actor_pool({"CPU": 2.0}, "auto", None, 1.0) == (2, {"num_cpus": 1.0}, "cpu")
+    assert actor_pool({"CPU": 2.0}, "auto", 1, 2.0)[0] == 1
+    with pytest.raises(UserError, match="has no GPU"):
+        actor_pool({"CPU": 2.0}, "cuda", None, 1.0)
+
+
 def test_a_ray_build_publishes_the_snapshot_of_a_single_process_build(
     tmp_path, untrained_checkpoint, ray_env
 ):
