@@ -265,41 +265,43 @@ def _job(
     )
     t = time.perf_counter()
     stats, embedding = EmbedStats(), {}
-    if todo and cluster is not None:
-        stats, embedding = _embed_on_ray(cluster, todo, collection, staged, model_sha, cache, opt)
-        if stats.changed_while_running:
-            again = _unresolved(collection, hashes, stats, cache, reuse)
-            LOG.info(
-                "%d file(s) changed while embedding; embedding %d again",
-                len(stats.changed_while_running),
-                len(again),
-            )
-            stats.merge(_embed_on_ray(cluster, again, collection, staged, model_sha, cache, opt)[0])
-    elif todo:
-        model = model or _load_model(staged, opt)
-        if model.dim != dim:
-            raise UserError(f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors")
-        workers = default_workers() if opt.workers is None else opt.workers
-        batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
-        stats = embed_into_cache(
-            model,
-            todo,
-            collection.root,
-            cache,
-            batch_size=batch,
-            workers=workers,
-            chunk_size=opt.chunk_size,
-            progress=opt.progress,
-        )
-        embedding = {
-            "workers": workers,
-            "batch_size": batch,
-            "device": str(model.device),
-            "threads": _threads(),
-            "photos_per_s": round(stats.photos_per_second, 2),
-            "forward_photos_per_s": round(stats.forward_photos_per_second, 2),
-            "forward_s": round(stats.forward_seconds, 3),
-        }
+    if todo:
+        if cluster is not None:
+
+            def run(items, first: bool):
+                return _embed_on_ray(cluster, items, collection, staged, model_sha, cache, opt)
+
+        else:
+            model = model or _load_model(staged, opt)
+            if model.dim != dim:
+                raise UserError(
+                    f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors"
+                )
+            workers = default_workers() if opt.workers is None else opt.workers
+            batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
+
+            def run(items, first: bool):
+                done = embed_into_cache(
+                    model,
+                    items,
+                    collection.root,
+                    cache,
+                    batch_size=batch,
+                    workers=workers if first else 0,
+                    chunk_size=opt.chunk_size,
+                    progress=opt.progress and first,
+                )
+                return done, {
+                    "workers": workers,
+                    "batch_size": batch,
+                    "device": str(model.device),
+                    "threads": _threads(),
+                    "photos_per_s": round(done.photos_per_second, 2),
+                    "forward_photos_per_s": round(done.forward_photos_per_second, 2),
+                    "forward_s": round(done.forward_seconds, 3),
+                }
+
+        stats, embedding = run(todo, True)
         # a file that changed after hashing was embedded under its new hash; a photo that shared its
         # old content (a copy) was not embedded at all: a second pass picks such photos up
         if stats.changed_while_running:
@@ -309,18 +311,7 @@ def _job(
                 len(stats.changed_while_running),
                 len(again),
             )
-            stats.merge(
-                embed_into_cache(
-                    model,
-                    again,
-                    collection.root,
-                    cache,
-                    batch_size=batch,
-                    workers=0,
-                    chunk_size=opt.chunk_size,
-                    progress=False,
-                )
-            )
+            stats.merge(run(again, False)[0])
     timings["embed_s"] = time.perf_counter() - t
 
     ids, vectors, rows, skipped, sources = _assemble(
