@@ -6,6 +6,7 @@ built in parallel threads; tuned to recall@10 0.95; `SnapshotWriter` writes, fsy
 only the embeddings are synthetic (bench_index_search.synthetic: clustered unit vectors).
 
     .venv/bin/python benchmarks/bench_shards.py --n 1000000 --shards 1 2 4
+    .venv/bin/python benchmarks/bench_shards.py --n 1000000 --shards 1 2 --index Flat   # exact
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument(
+        "--index", default="auto", help="faiss factory for every shard, or auto (the builder's choice)"
+    )
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=5.0, help="length of each single-query measurement")
     p.add_argument("--workdir", type=Path, default=None)
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     for n_shards in args.shards:
         root = work / f"index-{n_shards}"
         shutil.rmtree(root, ignore_errors=True)
-        opt = BuildOptions(shards=n_shards)
+        opt = BuildOptions(shards=n_shards, index=args.index)
         t0 = time.perf_counter()
         count, reason, plan = shard_plan(ids, args.dim, opt)
         index = build_sharded_index(vectors, ids, plan.factory, count)
