@@ -285,8 +285,9 @@ def _cmd_info(args) -> int:
         print(
             f"snapshot {snap.id}{' (CURRENT)' if snap.id == current else ''}, created {m.get('created', '?')}"
         )
+        shards = f" in {snap.shards} shards" if snap.shards > 1 else ""
         print(
-            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']} {ix.get('search_params') or 'exact'}, "
+            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']}{shards} {ix.get('search_params') or 'exact'}, "
             f"recall@{recall.get('k', '?')} {recall.get('recall', float('nan')):.3f}, "
             f"{ix.get('bytes_per_vector', '?')} bytes/vector"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_index_crash import chunk_files, tree_digest
-from test_index_support import build_cli, make_bad_files, make_photos
+from test_index_support import build_cli, make_bad_files, make_photos, update_cli
 
 from index_builder.snapshot import Snapshot, read_current
 
@@ -51,6 +51,8 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # the agent's HTTP port is fixed (52365) unless given: two nodes on one machine need their own
+    args = [*args, "--dashboard-agent-listen-port", str(_free_port())]
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(RAY), "start", "--block", *args],
@@ -236,3 +238,10 @@ def test_a_killed_ray_job_leaves_the_snapshot_and_resumes_from_its_blocks(
     assert not chunk_files(root)
     stored = json.loads((root / "snapshots" / read_current(root) / "manifest.json").read_text())
     assert stored["build"]["ray"]["address"] == address
+
+    # `update --ray` embeds only the new photos on the cluster and reuses the rest
+    make_photos(photos, range(90, 92), prefix="new")
+    report = update_cli(root, photos, "--ray", address, "--ray-actors", "1")
+    assert report["embedding"]["engine"] == "ray"
+    assert report["counts"]["embedded"] == 2 and report["counts"]["from_previous"] == 24
+    assert report["counts"]["added"] == 2 and report["counts"]["indexed"] == 26

@@ -92,6 +92,8 @@ def test_a_sharded_snapshot_answers_like_the_unsharded_one(two_roots, capsys):
     capsys.readouterr()
     assert sbir("index", "verify", base / "sharded") == 0
     assert "in 2 shards" in capsys.readouterr().out
+    assert sbir("index", "info", base / "sharded") == 0
+    assert "index Flat in 2 shards" in capsys.readouterr().out
 
 
 def test_the_service_answers_from_a_sharded_snapshot(two_roots):
