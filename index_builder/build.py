@@ -29,8 +29,10 @@ from index_builder.embed import (
     default_workers,
     embed_into_cache,
     hash_photos,
+    load_photo_encoder,
 )
 from index_builder.fsutil import write_text_atomic
+from index_builder.ray_build import RayCluster, build_shards_on_ray, embed_on_ray
 from index_builder.snapshot import (
     IDS_FILE,
     MODEL_FILES,
@@ -71,6 +73,11 @@ class BuildOptions:
     id_column: str = "id"
     photo_root: Path | None = None
     progress: bool = True
+    shards: int | None = None  # None: automatic (faiss_index.choose_shards)
+    shard_memory: int = faiss_index.DEFAULT_SHARD_MEMORY
+    ray: str | None = None  # a Ray address (ray://host:10001, auto, host:port) or "local"
+    ray_actors: int | None = None  # None: one per GPU, else the cluster's CPUs / ray_actor_cpus
+    ray_actor_cpus: float = 1.0
 
 
 class EmptyCollectionError(UserError):
@@ -163,13 +170,15 @@ def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mo
         raise UserError("--keep must be at least 1")
     if not 0 < opt.recall_target <= 1:
         raise UserError("--recall-target must be in (0, 1]")
+    if opt.shards is not None and opt.shards < 1:
+        raise UserError("--shards must be at least 1 (or auto)")
     root.mkdir(parents=True, exist_ok=True)
-    with RootLock(root):
+    with RootLock(root), RayCluster(opt.ray or "", progress=opt.progress) as cluster:
         writer = SnapshotWriter(root)
         writer.clean_leftovers()
         previous = _open_previous(root, mode, model_src is not None)
         try:
-            return _job(photos, root, model_src, opt, mode, writer, previous)
+            return _job(photos, root, model_src, opt, mode, writer, previous, cluster if opt.ray else None)
         finally:
             if previous is not None:
                 previous.close()
@@ -195,7 +204,7 @@ class _Reuse:
 
 
 def _job(
-    photos, root, model_src, opt: BuildOptions, mode: str, writer: SnapshotWriter, previous
+    photos, root, model_src, opt: BuildOptions, mode: str, writer: SnapshotWriter, previous, cluster
 ) -> BuildResult:
     from model.pipeline import checkpoint_sha256
 
@@ -262,32 +271,44 @@ def _job(
     t = time.perf_counter()
     stats, embedding = EmbedStats(), {}
     if todo:
-        model = model or _load_model(staged, opt, precision)
-        if model.dim != dim:
-            raise UserError(f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors")
-        workers = default_workers() if opt.workers is None else opt.workers
-        batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
-        stats = embed_into_cache(
-            model,
-            todo,
-            collection.root,
-            cache,
-            batch_size=batch,
-            workers=workers,
-            chunk_size=opt.chunk_size,
-            progress=opt.progress,
-        )
-        embedding = {
-            "workers": workers,
-            "batch_size": batch,
-            "device": str(model.device),
-            "precision": model.precision,
-            "runtime": model.backbone.runtime(),
-            "threads": _threads(),
-            "photos_per_s": round(stats.photos_per_second, 2),
-            "forward_photos_per_s": round(stats.forward_photos_per_second, 2),
-            "forward_s": round(stats.forward_seconds, 3),
-        }
+        if cluster is not None:
+
+            def run(items, first: bool):
+                return _embed_on_ray(cluster, items, collection, staged, model_sha, cache, opt, precision)
+
+        else:
+            model = model or _load_model(staged, opt, precision)
+            if model.dim != dim:
+                raise UserError(
+                    f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors"
+                )
+            workers = default_workers() if opt.workers is None else opt.workers
+            batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
+
+            def run(items, first: bool):
+                done = embed_into_cache(
+                    model,
+                    items,
+                    collection.root,
+                    cache,
+                    batch_size=batch,
+                    workers=workers if first else 0,
+                    chunk_size=opt.chunk_size,
+                    progress=opt.progress and first,
+                )
+                return done, {
+                    "workers": workers,
+                    "batch_size": batch,
+                    "device": str(model.device),
+                    "precision": model.precision,
+                    "runtime": model.backbone.runtime(),
+                    "threads": _threads(),
+                    "photos_per_s": round(done.photos_per_second, 2),
+                    "forward_photos_per_s": round(done.forward_photos_per_second, 2),
+                    "forward_s": round(done.forward_seconds, 3),
+                }
+
+        stats, embedding = run(todo, True)
         # a file that changed after hashing was embedded under its new hash; a photo that shared its
         # old content (a copy) was not embedded at all: a second pass picks such photos up
         if stats.changed_while_running:
@@ -297,18 +318,7 @@ def _job(
                 len(stats.changed_while_running),
                 len(again),
             )
-            stats.merge(
-                embed_into_cache(
-                    model,
-                    again,
-                    collection.root,
-                    cache,
-                    batch_size=batch,
-                    workers=0,
-                    chunk_size=opt.chunk_size,
-                    progress=False,
-                )
-            )
+            stats.merge(run(again, False)[0])
     timings["embed_s"] = time.perf_counter() - t
 
     ids, vectors, rows, skipped, sources = _assemble(
@@ -342,8 +352,8 @@ def _job(
         return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
 
     t = time.perf_counter()
-    plan = _plan(len(ids), dim, opt)
-    index = faiss_index.build_index(vectors, ids, plan.factory)
+    n_shards, shard_reason, plan = shard_plan(ids, dim, opt)
+    index = build_sharded_index(vectors, ids, plan.factory, n_shards, opt.threads, cluster)
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
     recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
@@ -372,6 +382,17 @@ def _job(
         embedding.get("device"),
         precision,
     )
+    manifest["index"]["shards"] = {
+        "count": n_shards,
+        "sizes": [int(p.ntotal) for p in faiss_index.shard_parts(index)],
+        "requested": opt.shards or "auto",
+        "reason": shard_reason,
+        "shard_memory": opt.shard_memory,
+    }
+    if cluster is not None:
+        manifest["build"]["ray"] = {
+            k: embedding[k] for k in ("address", "actors", "device") if k in embedding
+        }
     manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)  # up to writing the snapshot
     report["index"] = manifest["index"]
     snap_id = writer.write(
@@ -400,6 +421,30 @@ def _job(
         report["timings"]["total_s"],
     )
     return BuildResult(snap_id, True, report)
+
+
+def _embed_on_ray(cluster, todo, collection, staged, model_sha, cache, opt: BuildOptions, precision: str):
+    stats, info = embed_on_ray(
+        cluster,
+        todo,
+        collection.root,
+        staged,
+        model_sha,
+        cache,
+        model_files=MODEL_FILES,
+        device=opt.device,
+        precision=precision,
+        actors=opt.ray_actors,
+        actor_cpus=opt.ray_actor_cpus,
+        batch_size=opt.batch_size,
+        chunk_size=opt.chunk_size,
+    )
+    info.update(
+        photos_per_s=round(stats.photos_per_second, 2),
+        forward_photos_per_s=round(stats.forward_photos_per_second, 2),
+        forward_s=round(stats.forward_seconds, 3),
+    )
+    return stats, info
 
 
 def _open_previous(root: Path, mode: str, model_given: bool) -> Snapshot | None:
@@ -473,20 +518,10 @@ def _precision(config: dict, opt: BuildOptions, previous: Snapshot | None) -> st
 
 
 def _load_model(ckpt: Path, opt: BuildOptions, precision: str):
-    import torch
-
-    from model.pipeline import SBIRModel
-
-    if opt.threads:
-        torch.set_num_threads(opt.threads)
     try:
-        model = SBIRModel.load(ckpt, device=opt.device, cpu_precision=precision)
+        return load_photo_encoder(ckpt, opt.device, opt.threads, precision)
     except RuntimeError as exc:  # an int8 graph that cannot be made or does not agree
         raise UserError(f"{exc}; build with --cpu-precision fp32") from None
-    if model.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolutions once
-    LOG.info("model %s on %s (%s), %d-d", model.sha256[:12], model.device, model.backbone.runtime(), model.dim)
-    return model
 
 
 def _threads() -> int:
@@ -569,7 +604,43 @@ def _unchanged(previous: Snapshot, prev_rows: dict, rows: list, opt: BuildOption
         "target"
     ):
         return False
+    if (opt.shards or "auto") != (index.get("shards") or {}).get("requested", "auto"):
+        return False
     return len(prev_rows) == len(rows) and all(prev_rows.get(r[0]) == r[1:] for r in rows)
+
+
+def shard_plan(ids: np.ndarray, dim: int, opt: BuildOptions) -> tuple[int, str, faiss_index.IndexPlan]:
+    """Shard count (given, or the fewest whose index fits --shard-memory each) and the index of a shard:
+    chosen as for a collection of the largest shard's size with its share of the memory budget."""
+    whole = _plan(len(ids), dim, opt)
+    if opt.shards is not None:
+        n_shards, reason = opt.shards, "given with --shards"
+    else:
+        n_shards = faiss_index.choose_shards(len(ids), whole.bytes_per_vector, opt.shard_memory)
+        reason = (
+            f"{whole.factory} at {whole.bytes_per_vector} bytes/vector x {len(ids)} "
+            f"{'fits' if n_shards == 1 else 'exceeds'} --shard-memory {opt.shard_memory}"
+        )
+    if n_shards == 1:
+        return 1, reason, whole
+    sizes = np.bincount(ids % n_shards, minlength=n_shards)
+    if sizes.min() == 0:
+        raise UserError(f"--shards {n_shards}: some shards would be empty with {len(ids)} photos; use fewer")
+    share = BuildOptions(**{**opt.__dict__, "memory_budget": opt.memory_budget // n_shards})
+    return n_shards, reason, _plan(int(sizes.max()), dim, share)
+
+
+def build_sharded_index(vectors, ids, factory: str, n_shards: int, threads: int | None = None, cluster=None):
+    """The job's index: one faiss index, or `n_shards` built in parallel (threads here, or tasks on the
+    Ray cluster) and combined for search."""
+    if n_shards == 1:
+        return faiss_index.build_index(vectors, ids, factory)
+    parts = faiss_index.split_shards(vectors, ids, n_shards)
+    if cluster is not None:
+        shards = build_shards_on_ray(cluster, parts, factory)
+    else:
+        shards = faiss_index.build_shards(parts, factory, threads)
+    return faiss_index.combine_shards(shards, use_gpu=False)
 
 
 def _plan(n: int, dim: int, opt: BuildOptions) -> faiss_index.IndexPlan:

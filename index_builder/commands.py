@@ -29,6 +29,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _shard_count(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard count: {text!r} (a number or auto)") from None
+
+
 def add_commands(subparsers) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
     index = subparsers.add_parser("index", help="build, update and check FAISS index snapshots of photos")
@@ -99,6 +108,33 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--keep", type=int, default=3, help="snapshots to keep, the current one included (default 3)"
     )
+    g.add_argument(
+        "--shards",
+        type=_shard_count,
+        default=None,
+        metavar="N",
+        help="split the index into N shards by id (default auto: the fewest that fit --shard-memory each)",
+    )
+    g.add_argument(
+        "--shard-memory",
+        type=parse_size,
+        default="8GiB",
+        help="most index memory per shard, for the automatic shard count (default 8GiB)",
+    )
+    r = p.add_argument_group("Ray (pip install 'sbir[ray]'; docs/INDEX.md)")
+    r.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDR",
+        help="embed on a Ray cluster: ray://host:10001, host:6379, auto, or local (Ray in this process)",
+    )
+    r.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        help="encoder actors (default: one per GPU, else CPUs/actor CPUs)",
+    )
+    r.add_argument("--ray-actor-cpus", type=float, default=1.0, help="CPUs per CPU encoder actor (default 1)")
     e = p.add_argument_group("embedding")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument(
@@ -149,6 +185,11 @@ def _options(args):
         id_column=args.id_column,
         photo_root=args.photo_root,
         progress=not args.no_progress,
+        shards=args.shards,
+        shard_memory=args.shard_memory,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
+        ray_actor_cpus=args.ray_actor_cpus,
     )
 
 
@@ -195,6 +236,11 @@ def _print_summary(result) -> None:
             f"{c['unchanged']} unchanged"
         )
     rec = ix["recall"]
+    shards = ix.get("shards") or {}
+    if shards.get("count", 1) > 1:
+        print(
+            f"  {shards['count']} shards of {min(shards['sizes'])}-{max(shards['sizes'])} photos ({shards['reason']})"
+        )
     print(
         f"  index {ix['factory']} ({ix['reason']}), search {ix['search_params'] or 'exact'}, "
         f"recall@{rec['k']} {rec['recall']:.3f} on {rec['queries']} sample queries"
@@ -231,9 +277,10 @@ def _cmd_verify(args) -> int:
     for sid in ids:
         try:
             with Snapshot.open(args.root, sid, verify=True) as snap:
+                shards = f" in {snap.shards} shards" if snap.shards > 1 else ""
                 print(
-                    f"ok {snap.id}: {snap.count} photos, {snap.factory}, all {len(snap.manifest['files'])} "
-                    f"files match their checksums"
+                    f"ok {snap.id}: {snap.count} photos, {snap.factory}{shards}, all "
+                    f"{len(snap.manifest['files'])} files match their checksums"
                 )
         except SnapshotError as exc:
             failed += 1
@@ -258,8 +305,9 @@ def _cmd_info(args) -> int:
         print(
             f"snapshot {snap.id}{' (CURRENT)' if snap.id == current else ''}, created {m.get('created', '?')}"
         )
+        shards = f" in {snap.shards} shards" if snap.shards > 1 else ""
         print(
-            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']} {ix.get('search_params') or 'exact'}, "
+            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']}{shards} {ix.get('search_params') or 'exact'}, "
             f"recall@{recall.get('k', '?')} {recall.get('recall', float('nan')):.3f}, "
             f"{ix.get('bytes_per_vector', '?')} bytes/vector"
         )

@@ -257,6 +257,55 @@ class EmbedStats:
         return self.embedded / self.forward_seconds if self.forward_seconds else 0.0
 
 
+class BatchRecorder:
+    """What happens to a batch's results, wherever it was encoded (here, or on a Ray actor): vectors
+    and content failures go to the checkpoint a chunk at a time, files that changed since hashing and
+    transient failures (missing, unreadable) go to the stats."""
+
+    def __init__(self, cache: EmbeddingCache, chunk_size: int, stats: EmbedStats):
+        assert chunk_size >= 1, "chunk_size must be positive"
+        self.cache, self.chunk_size, self.stats = cache, chunk_size, stats
+        self._sha: list[str] = []
+        self._vec: list[np.ndarray] = []
+        self._fail: list[tuple[str, str, str]] = []
+
+    def add(
+        self,
+        items: Sequence[DecodeItem],
+        encoded: Sequence[tuple[int, str]],
+        vectors: np.ndarray | None,
+        failed: Sequence[tuple[int, str, str, str]],
+    ) -> None:
+        """`encoded`: (position in items, sha256 of the bytes read) per row of `vectors`;
+        `failed`: (position, sha256 read, reason, detail)."""
+        for i, digest in encoded:
+            if digest != items[i].sha256:  # the file changed after it was hashed
+                self.stats.changed_while_running[items[i].path] = digest
+        if encoded:
+            assert vectors is not None and vectors.shape == (len(encoded), self.cache.dim), (
+                f"encoder returned {None if vectors is None else vectors.shape} for {len(encoded)} photos"
+            )
+            self._vec.append(vectors)
+            self._sha.extend(digest for _, digest in encoded)
+            self.stats.embedded += len(vectors)
+        for i, digest, reason, detail in failed:
+            self.stats.failed += 1
+            if reason not in CONTENT_FAILURES:
+                self.stats.transient[items[i].path] = (reason, detail)
+                continue
+            if digest != items[i].sha256:
+                self.stats.changed_while_running[items[i].path] = digest
+            self._fail.append((digest, reason, detail))
+        if len(self._sha) + len(self._fail) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered as one checkpoint chunk (nothing if the buffer is empty)."""
+        vecs = np.concatenate(self._vec) if self._vec else np.zeros((0, self.cache.dim), np.float32)
+        self.cache.write_chunk(list(self._sha), vecs, list(self._fail))
+        self._sha.clear(), self._vec.clear(), self._fail.clear()
+
+
 def embed_into_cache(
     model,
     items: Sequence[DecodeItem],
@@ -277,7 +326,7 @@ def embed_into_cache(
     stats = EmbedStats()
     if not todo:
         return stats
-    assert chunk_size >= 1 and batch_size >= 1, "chunk_size and batch_size must be positive"
+    assert batch_size >= 1, "batch_size must be positive"
     on_gpu = model.device.type == "cuda"
     dataset = PhotoDecodeDataset(todo, root, model.preprocess)
     loader_args: dict = {}
@@ -294,42 +343,19 @@ def embed_into_cache(
         pin_memory=on_gpu,
         **loader_args,
     )
-    buf_sha: list[str] = []
-    buf_vec: list[np.ndarray] = []
-    buf_fail: list[tuple[str, str, str]] = []
-
-    def flush() -> None:
-        vecs = np.concatenate(buf_vec) if buf_vec else np.zeros((0, cache.dim), np.float32)
-        cache.write_chunk(list(buf_sha), vecs, list(buf_fail))
-        buf_sha.clear(), buf_vec.clear(), buf_fail.clear()
-
+    recorder = BatchRecorder(cache, chunk_size, stats)
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="embedding", unit="photo", disable=not progress, smoothing=0.05)
     with torch.inference_mode():
         for batch in loader:
-            for i, digest in zip(batch["index"], batch["sha256"], strict=True):
-                if digest != todo[i].sha256:  # the file changed after it was hashed
-                    stats.changed_while_running[todo[i].path] = digest
+            vecs = None
             if batch["pixels"] is not None:
                 tf = time.perf_counter()
                 vecs = model.encode_pixels(batch["pixels"], "photo")  # returns on the CPU: synchronised
                 stats.forward_seconds += time.perf_counter() - tf
-                assert vecs.shape == (len(batch["index"]), cache.dim), f"encoder returned {vecs.shape}"
-                buf_vec.append(vecs)
-                buf_sha.extend(batch["sha256"])
-                stats.embedded += len(vecs)
-            for i, digest, reason, detail in batch["failed"]:
-                stats.failed += 1
-                if reason not in CONTENT_FAILURES:
-                    stats.transient[todo[i].path] = (reason, detail)
-                    continue
-                if digest != todo[i].sha256:
-                    stats.changed_while_running[todo[i].path] = digest
-                buf_fail.append((digest, reason, detail))
+            recorder.add(todo, list(zip(batch["index"], batch["sha256"], strict=True)), vecs, batch["failed"])
             bar.update(len(batch["index"]) + len(batch["failed"]))
-            if len(buf_sha) + len(buf_fail) >= chunk_size:
-                flush()
-    flush()
+    recorder.flush()
     bar.close()
     stats.seconds = time.perf_counter() - t0
     LOG.info(
@@ -340,6 +366,49 @@ def embed_into_cache(
         stats.photos_per_second,
     )
     return stats
+
+
+def encode_block(model, items: Sequence[DecodeItem], root: Path, batch_size: int = 32):
+    """Decode and encode a block of photos in this process (what a Ray actor does with its block).
+
+    The same decoding (`PhotoDecodeDataset`) and encoder call as `embed_into_cache`, without worker
+    processes. Returns (encoded, vectors, failed, forward seconds) in `BatchRecorder.add`'s terms.
+    """
+    import torch
+
+    assert batch_size >= 1, "batch_size must be positive"
+    dataset = PhotoDecodeDataset(items, root, model.preprocess)
+    encoded: list[tuple[int, str]] = []
+    parts: list[np.ndarray] = []
+    failed: list[tuple[int, str, str, str]] = []
+    forward = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            batch = collate_decoded([dataset[i] for i in range(start, min(start + batch_size, len(items)))])
+            failed.extend(batch["failed"])
+            if batch["pixels"] is not None:
+                tf = time.perf_counter()
+                parts.append(np.asarray(model.encode_pixels(batch["pixels"], "photo"), np.float32))
+                forward += time.perf_counter() - tf
+                encoded.extend(zip(batch["index"], batch["sha256"], strict=True))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, model.dim), np.float32)
+    return encoded, vectors, failed, forward
+
+
+def load_photo_encoder(ckpt: Path, device: str = "auto", threads: int | None = None, precision: str = "fp32"):
+    """The checkpoint loaded for embedding photos (the builder's process, or a Ray actor), its CPU
+    backbone in `precision` (the job's: index and queries use one)."""
+    import torch
+
+    from model.pipeline import SBIRModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = SBIRModel.load(ckpt, device=device, cpu_precision=precision)
+    if model.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolutions once
+    LOG.info("model %s on %s (%s), %d-d", model.sha256[:12], model.device, model.backbone.runtime(), model.dim)
+    return model
 
 
 def default_workers() -> int:

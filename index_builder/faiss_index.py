@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +23,8 @@ METRIC = faiss.METRIC_INNER_PRODUCT
 # (docs/BENCHMARKS.md). Beyond this, an approximate index is chosen automatically.
 EXACT_MAX = 100_000
 DEFAULT_MEMORY_BUDGET = 4 << 30
+# The automatic shard count keeps every shard under this (about one GPU's memory, less the encoder).
+DEFAULT_SHARD_MEMORY = 8 << 30
 RECALL_K = 10
 RECALL_TARGET = 0.95
 # Values tried, in order, when tuning the one search-time knob of each family.
@@ -216,11 +219,88 @@ def _build_on_gpus(index, vectors, ids, train_max, seed) -> faiss.Index | None:
         return None
 
 
+# --- shards ------------------------------------------------------------------------------------
+
+
+def choose_shards(n: int, bytes_per_vector: float | None, shard_memory: int = DEFAULT_SHARD_MEMORY) -> int:
+    """The automatic shard count: the fewest shards whose index fits `shard_memory` each.
+
+    An index of unknown size per vector (a factory string given by hand) is not split automatically.
+    """
+    assert shard_memory > 0, "shard_memory must be positive"
+    if not bytes_per_vector:
+        return 1
+    return max(1, math.ceil(n * bytes_per_vector / shard_memory))
+
+
+def split_shards(vectors: np.ndarray, ids: np.ndarray, n_shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(vectors, ids) of each shard: shard s holds the ids with id % n_shards == s, in the given order."""
+    assert n_shards >= 1, "need at least one shard"
+    of = np.asarray(ids) % n_shards
+    return [(vectors[of == s], ids[of == s]) for s in range(n_shards)]
+
+
+def build_shards(
+    parts: list[tuple[np.ndarray, np.ndarray]], factory: str, threads: int | None = None
+) -> list:
+    """One index per shard, built in parallel threads (faiss releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(len(parts), threads or os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda part: build_index(part[0], part[1], factory), parts))
+
+
+def combine_shards(shards: list, use_gpu: bool | None = None) -> faiss.Index:
+    """The shards as one index: searched together, top-k merged by faiss's `IndexShards`.
+
+    On the CPU each shard is searched in its own thread. With GPUs (faiss-gpu), shard i is copied to
+    GPU i % gpus, so the shards spread over every visible GPU; if faiss refuses, the CPU is used.
+    """
+    assert shards, "need at least one shard"
+    parts = list(shards)
+    if use_gpu is None:
+        use_gpu = gpu_count() > 0
+    if use_gpu:
+        parts = _shards_to_gpus(parts) or parts
+    combined = faiss.IndexShards(parts[0].d, True, False)  # threaded, keep our ids
+    for part in parts:
+        combined.add_shard(part)
+    combined.referenced_objects = parts  # IndexShards does not own its shards
+    return combined
+
+
+def _shards_to_gpus(shards: list) -> list | None:
+    """Shard i on GPU i % gpus (not exercised by the tests: no GPU here)."""
+    try:
+        gpus = gpu_count()
+        resources = [faiss.StandardGpuResources() for _ in range(gpus)]
+        moved = [faiss.index_cpu_to_gpu(resources[i % gpus], i % gpus, s) for i, s in enumerate(shards)]
+        for m in moved:
+            m.referenced_objects = resources
+        LOG.info("%d shard(s) spread over %d GPU(s)", len(shards), gpus)
+        return moved
+    except (RuntimeError, AttributeError) as exc:
+        LOG.warning(
+            "searching shards on the CPU: faiss could not use the GPUs (%s)", str(exc).splitlines()[-1]
+        )
+        return None
+
+
+def shard_parts(index: faiss.Index) -> list:
+    """The shards of an `IndexShards` (downcast), or [index] for an unsharded index."""
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
 # --- search parameters -------------------------------------------------------------------------
 
 
 def tunable_parameter(index: faiss.Index) -> tuple[str, tuple[int, ...]] | None:
     """The search-time knob of this index and the values worth trying, or None (exact indexes)."""
+    if isinstance(index, faiss.IndexShards):  # every shard is of one kind: the first one decides
+        return tunable_parameter(shard_parts(index)[0])
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return "nprobe", tuple(v for v in NPROBE_LADDER if v < ivf.nlist) + (ivf.nlist,)
@@ -250,7 +330,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """All ids stored in an IDMap or IVF index (unordered), for consistency checks."""
+    """All ids stored in an IDMap or IVF index, or in all shards of one (unordered), for consistency checks."""
+    if isinstance(index, faiss.IndexShards):
+        return np.concatenate([index_ids(part) for part in shard_parts(index)])
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     ivf = faiss.try_extract_index_ivf(index)
@@ -391,7 +473,7 @@ def tune_and_measure(
             params = {name: next(step[name] for step in tuning if step["recall"] >= best - 0.01)}
             set_search_params(index, params)
             LOG.warning("recall@%d target %.3f not reached: %.3f at most; using %s", kk, target, best, params)
-        ivf = faiss.try_extract_index_ivf(index)
+        ivf = faiss.try_extract_index_ivf(shard_parts(index)[0])
         if ivf is not None and params["nprobe"] > ivf.nlist // 10:
             LOG.warning(
                 "recall@%d %.2f needs %d of %d lists probed: these vectors have little cluster structure, so "

@@ -27,6 +27,9 @@ from sbir.errors import UserError
 LOG = logging.getLogger(__name__)
 
 FORMAT = "sbir-index-snapshot/1"
+# A snapshot whose index is split into shards (index-shard-NNN.faiss): an older reader refuses it
+# by its format rather than by a missing index.faiss.
+FORMAT_SHARDED = "sbir-index-snapshot/2"
 CURRENT = "CURRENT"
 SNAPSHOTS = "snapshots"
 MANIFEST = "manifest.json"
@@ -44,6 +47,22 @@ SQL_CHUNK = 500
 
 class SnapshotError(UserError):
     """A missing or broken snapshot: no CURRENT, a missing file, a checksum or consistency mismatch."""
+
+
+def shard_file(shard: int) -> str:
+    return f"index-shard-{shard:03d}.faiss"
+
+
+def index_files(manifest: dict) -> list[str]:
+    """The FAISS files of a snapshot: index.faiss, or one file per shard (shard s holds id % N == s)."""
+    shards = manifest["index"].get("shards")
+    if not shards or shards["count"] == 1:
+        return [INDEX_FILE]
+    return [shard_file(s) for s in range(int(shards["count"]))]
+
+
+def required_files(manifest: dict) -> list[str]:
+    return [*index_files(manifest), *(f for f in REQUIRED_FILES if f != INDEX_FILE)]
 
 
 def snapshots_dir(root: Path) -> Path:
@@ -89,7 +108,7 @@ def _read_manifest(path: Path) -> dict:
         raise SnapshotError(f"{path} has no {MANIFEST}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"{mpath} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, FORMAT_SHARDED):
         raise SnapshotError(
             f"{mpath}: unsupported snapshot format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
         )
@@ -108,17 +127,35 @@ def _read_manifest(path: Path) -> dict:
         and isinstance(manifest["index"].get("factory"), str)
         and isinstance(manifest["index"].get("search_params", {}), dict)
         and isinstance(manifest["files"], dict)
+        and _shards_ok(manifest)
     )
     if not shape_ok:
         raise SnapshotError(f"{mpath}: fields of the wrong type")
     return manifest
 
 
+def _shards_ok(manifest: dict) -> bool:
+    """Format 1: no shards (written before shards existed) or one; format 2: two or more."""
+    shards = manifest["index"].get("shards")
+    if manifest["format"] == FORMAT and shards is None:
+        return True
+    if not (isinstance(shards, dict) and isinstance(shards.get("count"), int)):
+        return False
+    sizes = shards.get("sizes")
+    return (
+        (shards["count"] == 1 if manifest["format"] == FORMAT else shards["count"] >= 2)
+        and isinstance(sizes, list)
+        and len(sizes) == shards["count"]
+        and all(isinstance(n, int) for n in sizes)
+        and sum(sizes) == manifest["count"]
+    )
+
+
 def verify_checksums(path: Path, manifest: dict) -> list[str]:
     """Problems found comparing every file under `path` with the manifest's checksums ([] = all good)."""
     problems = []
     files = manifest["files"]
-    for rel in REQUIRED_FILES:
+    for rel in required_files(manifest):
         if rel not in files:
             problems.append(f"manifest does not list {rel}")
     for rel, want in sorted(files.items()):
@@ -156,6 +193,7 @@ class Snapshot:
         self.precision: str = manifest["model"].get("precision", "fp32")
         self.model_dir: Path = path / MODEL_DIR
         self.factory: str = manifest["index"]["factory"]
+        self.shards: int = int((manifest["index"].get("shards") or {}).get("count", 1))
         self._index = index
         self._db = db
         self._db_lock = threading.Lock()
@@ -203,11 +241,11 @@ class Snapshot:
             problems = verify_checksums(path, manifest)
             if problems:
                 raise SnapshotError(f"snapshot {snapshot_id} is corrupt: " + "; ".join(problems))
-        for rel in REQUIRED_FILES:
+        for rel in required_files(manifest):
             if not (path / rel).is_file():
                 raise SnapshotError(f"snapshot {snapshot_id} lacks {rel}")
         _check_model(path, manifest)
-        index = _read_index(path, manifest)
+        index = _read_index(path, manifest, on_gpus=not verify)  # verify reads the ids: CPU
         db = _open_db(path / PHOTOS_DB, manifest)
         snap = cls(path, manifest, index, db)
         if verify:
@@ -241,6 +279,10 @@ class Snapshot:
         in_index = np.sort(faiss_index.index_ids(self._index))
         if not np.array_equal(in_index, ids):
             raise SnapshotError("the FAISS index and ids.npy hold different ids")
+        if self.shards > 1:
+            for s, part in enumerate(faiss_index.shard_parts(self._index)):
+                if (faiss_index.index_ids(part) % self.shards != s).any():
+                    raise SnapshotError(f"{shard_file(s)} holds ids of another shard")
         with self._db_lock:
             db_ids = np.array([r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")], np.int64)
         if not np.array_equal(db_ids, ids):
@@ -312,7 +354,7 @@ class Snapshot:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Snapshot({self.id!r}, count={self.count}, factory={self.factory!r})"
+        return f"Snapshot({self.id!r}, count={self.count}, factory={self.factory!r}, shards={self.shards})"
 
 
 def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -336,26 +378,34 @@ def _check_model(path: Path, manifest: dict) -> None:
         )
 
 
-def _read_index(path: Path, manifest: dict):
+def _read_index(path: Path, manifest: dict, on_gpus: bool = True):
+    """The snapshot's index with its search parameters applied; several shards are searched together
+    (spread over the GPUs if `on_gpus` and faiss sees any)."""
     import faiss
 
     from index_builder import faiss_index
 
-    try:
-        index = faiss.read_index(str(path / INDEX_FILE))
-    except RuntimeError as exc:
-        raise SnapshotError(f"{path / INDEX_FILE} is unreadable: {str(exc).splitlines()[-1]}") from None
-    if index.d != int(manifest["dim"]) or index.ntotal != int(manifest["count"]):
-        raise SnapshotError(
-            f"{path / INDEX_FILE}: {index.ntotal} vectors of {index.d}-d, manifest says "
-            f"{manifest['count']} of {manifest['dim']}-d"
-        )
-    params = manifest["index"].get("search_params") or {}
-    try:
-        faiss_index.set_search_params(index, params)
-    except RuntimeError as exc:
-        raise SnapshotError(f"{path}: cannot apply search parameters {params}: {exc}") from None
-    return index
+    files = index_files(manifest)
+    sizes = (manifest["index"].get("shards") or {}).get("sizes") or [int(manifest["count"])]
+    parts = []
+    for rel, size in zip(files, sizes, strict=True):
+        try:
+            index = faiss.read_index(str(path / rel))
+        except RuntimeError as exc:
+            raise SnapshotError(f"{path / rel} is unreadable: {str(exc).splitlines()[-1]}") from None
+        if index.d != int(manifest["dim"]) or index.ntotal != size:
+            raise SnapshotError(
+                f"{path / rel}: {index.ntotal} vectors of {index.d}-d, manifest says {size} of {manifest['dim']}-d"
+            )
+        params = manifest["index"].get("search_params") or {}
+        try:
+            faiss_index.set_search_params(index, params)
+        except RuntimeError as exc:
+            raise SnapshotError(f"{path}: cannot apply search parameters {params}: {exc}") from None
+        parts.append(index)
+    return (
+        parts[0] if len(parts) == 1 else faiss_index.combine_shards(parts, use_gpu=None if on_gpus else False)
+    )
 
 
 def _open_db(path: Path, manifest: dict) -> sqlite3.Connection:
@@ -434,6 +484,8 @@ class SnapshotWriter:
         """Write everything for a new snapshot and return its id (not yet published)."""
         import faiss
 
+        from index_builder import faiss_index
+
         assert len(ids) == len(vectors) == len(photo_rows) == index.ntotal, (
             "ids, vectors, rows and index differ"
         )
@@ -442,7 +494,10 @@ class SnapshotWriter:
             snap_id = new_snapshot_id()
         tmp = snapshots_dir(self.root) / f".tmp-{snap_id}"
         tmp.mkdir()
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        parts = faiss_index.shard_parts(index)
+        names = [INDEX_FILE] if len(parts) == 1 else [shard_file(s) for s in range(len(parts))]
+        for part, name in zip(parts, names, strict=True):
+            faiss.write_index(part, str(tmp / name))
         np.save(tmp / VECTORS_FILE, np.ascontiguousarray(vectors, np.float32))
         np.save(tmp / IDS_FILE, np.ascontiguousarray(ids, np.int64))
         write_photo_store(tmp / PHOTOS_DB, photo_rows)
@@ -454,13 +509,20 @@ class SnapshotWriter:
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 files[f.relative_to(tmp).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        index_bytes = files[INDEX_FILE]["bytes"]
+        index_bytes = sum(files[name]["bytes"] for name in names)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        manifest = {"created": created, **manifest, "format": FORMAT, "id": snap_id, "files": files}
+        fmt = FORMAT if len(parts) == 1 else FORMAT_SHARDED
+        manifest = {"created": created, **manifest, "format": fmt, "id": snap_id, "files": files}
         manifest["index"] = {
             **manifest["index"],
             "bytes": index_bytes,
             "bytes_per_vector": round(index_bytes / max(1, len(ids)), 2),
+        }
+        manifest["index"]["shards"] = {
+            **manifest["index"].get("shards", {}),
+            "count": len(parts),
+            "sizes": [int(part.ntotal) for part in parts],
+            "assignment": "id % count",
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _check_model(tmp, manifest)  # the copy is the model the vectors came from

@@ -115,6 +115,50 @@ def test_compose_cpu_override_drops_the_gpu():
     assert "!reset" in (DEPLOY / "compose.cpu.yaml").read_text()
 
 
+def test_compose_ray_profile_head_gpu_workers_and_a_reindex_job_on_them():
+    services = _compose("compose.yaml")["services"]
+    head, worker, job = services["ray-head"], services["ray-worker"], services["reindex-ray"]
+    for service in (head, worker, job):
+        assert service["profiles"] == ["ray"]
+        assert service["image"] == "${SBIR_RAY_IMAGE:-sbir-ray:latest}"  # one image for all three
+        assert service["build"]["args"]["EXTRAS"].endswith(",ray")
+        assert service["volumes"] == ["${SBIR_DATA:-sbir-data}:/data"]  # the photos at one path everywhere
+        assert service["environment"]["RAY_AUTH_TOKEN"] == "${SBIR_RAY_TOKEN:-}"
+    assert head["command"][:3] == ["start", "--head", "--block"] and head["entrypoint"] == ["ray"]
+    assert "deploy" not in head  # the head schedules; no GPU
+    assert worker["command"][:4] == ["start", "--address", "ray-head:6379", "--block"]
+    gpus = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert job["command"][:4] == ["index", "update", "/data/index", "/data/photos"]
+    assert job["command"][job["command"].index("--ray") + 1] == "ray-head:6379"
+    cpu = _compose("compose.cpu.yaml")["services"]
+    assert cpu["ray-worker"]["deploy"] is None and "--num-gpus" not in cpu["ray-worker"]["command"]
+    assert all(
+        cpu[name]["build"]["args"]["EXTRAS"] == "cpu,ray"
+        for name in ("ray-head", "ray-worker", "reindex-ray")
+    )
+
+
+def test_k8s_rayjob_for_reindexing():
+    job = yaml.safe_load((DEPLOY / "k8s" / "ray" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["entrypoint"].startswith("sbir index update /data/index /data/photos --ray auto")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    (worker,) = workers["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for pod in (head, workers["template"]["spec"]):
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "sbir-data"
+        (container,) = pod["containers"]
+        assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+        assert {e["name"] for e in container["env"]} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+    assert _k8s("pvc.yaml")["spec"]["accessModes"] == ["ReadWriteMany"]  # every Ray pod reads the photos
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "ray" / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["rayjob.yaml"]
+
+
 def test_k8s_deployment_probes_and_gpu():
     deployment = _k8s("deployment.yaml")
     assert deployment["kind"] == "Deployment"
