@@ -1,13 +1,19 @@
 """Zero-shot evaluation on unseen classes: IIAE next to its baselines, as REFERENCE §3 defines it.
 
-Tasks (all queries and galleries from the split's unseen classes):
+Tasks on the split's unseen classes, with the dataset's core sketches (no style set):
 - category: line-art sketches against every colour image, relevant = same class (primary);
 - category_cross_artist: the same without the sketch artist's own colour images;
 - instance: relevant = the same emoji / instance (fine-grained);
 - edge_maps: edge maps of the sketch artist's colour images (a drawing style never trained on)
   against the cross-artist gallery.
-Methods: raw backbone features, raw features standardised per domain, the adapter alone, the
-InfoNCE peer and IIAE. Several runs (split seeds) give mean and spread.
+Drawing styles: `edge_maps/instance` and, per style set of the dataset, `STYLE/instance` (every
+image of the style against every gallery image, seen classes too: the style is what is new) and
+`STYLE/category` (unseen classes); a set with its own photos (line icons against their colour
+versions) has an instance task against those only. `on="val"` puts the validation classes in the
+unseen classes' place and leaves out held-out styles and edge maps (for choosing settings).
+Methods: raw backbone features, raw features standardised per domain (both on the images as they
+are), the adapter alone, the InfoNCE peer and IIAE (on what their model was trained on). Several
+runs (split seeds) give mean and spread.
 """
 
 from __future__ import annotations
