@@ -571,7 +571,7 @@ def cpu_precision_for(
 ) -> str:
     """What a backbone will run in, "fp32" or "int8", without building it.
 
-    `requested` (default $SBIR_CPU_PRECISION, else "auto"): "auto" is int8 on a CPU with an 8-bit
+    `requested` (default $SBIR_CPU_PRECISION, else "fp32"): "auto" is int8 on a CPU with an 8-bit
     dot product (VNNI, AVX-512 VNNI, Arm dotprod) for a backbone the registry has a calibration for,
     with its default weights and no fine-tuned tensors; fp32 otherwise. An explicit "int8" that
     cannot be honoured raises ValueError. On a GPU the backbone runs in float (fp16 autocast): "fp32".
@@ -617,7 +617,7 @@ def create_backbone(
     CPU_RUNTIMES. Features agree across runtimes to about 1e-5. `cpu_threads`: onnxruntime's threads
     (default: torch's intra-op thread count). `tuned`: fine-tuned tensors (`model.finetune`) that
     replace some of the verified weights; `tuned_info` describes them (recorded in `describe()`).
-    `cpu_precision`: "fp32", "int8" or "auto" (default $SBIR_CPU_PRECISION, else "auto"), resolved by
+    `cpu_precision`: "fp32", "int8" or "auto" (default $SBIR_CPU_PRECISION, else "fp32"), resolved by
     `cpu_precision_for`; an int8 that was only chosen by "auto" falls back to float32 with a warning
     if it fails, an explicit one raises.
     """

@@ -67,13 +67,14 @@ def test_auto_precision_follows_the_cpu_and_the_registry(monkeypatch):
     monkeypatch.delenv("SBIR_CPU_PRECISION", raising=False)
     monkeypatch.delenv("SBIR_CPU_RUNTIME", raising=False)
     monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: True)
-    assert cpu_precision_for("efficientnet_lite2_ms") == "int8"
-    assert cpu_precision_for("mobilenet_v2") == "fp32"  # no calibration: float32
-    assert cpu_precision_for("efficientnet_lite2_ms", tuned=True) == "fp32"
-    assert cpu_precision_for("efficientnet_lite2_ms", cpu_runtime="torch") == "fp32"
-    assert cpu_precision_for("efficientnet_lite2_ms", device="cuda") == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms") == "fp32"  # nothing asked: float32 (accuracy, BENCHMARKS)
+    assert cpu_precision_for("efficientnet_lite2_ms", "auto") == "int8"
+    assert cpu_precision_for("mobilenet_v2", "auto") == "fp32"  # no calibration: float32
+    assert cpu_precision_for("efficientnet_lite2_ms", "auto", tuned=True) == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", "auto", cpu_runtime="torch") == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", "auto", device="cuda") == "fp32"
     monkeypatch.setattr(quantize, "cpu_has_int8_dot", lambda: False)
-    assert cpu_precision_for("efficientnet_lite2_ms") == "fp32"
+    assert cpu_precision_for("efficientnet_lite2_ms", "auto") == "fp32"
     assert cpu_precision_for("efficientnet_lite2_ms", "int8") == "int8"  # asked for: slower, but honoured
     monkeypatch.setenv("SBIR_CPU_PRECISION", "int8")
     assert cpu_precision_for("efficientnet_lite2") == "int8"
