@@ -59,11 +59,10 @@ class TrainConfig:
     # included) with this decay; 0 keeps the raw weights. Chosen by 4-fold CV over seen classes.
     iiae_ema: float = DEFAULT_IIAE_EMA
     pair_by: str = "instance"  # a sketch with a photo of the same item (same class where items are unknown)
-    # Sketches (training rows and queries alike) pass through model.stroke_norm: one line width,
-    # filled areas outlined, the ink's bounding box fitted to the canvas.
-    # Chosen on validation classes with the training styles only (docs/BENCHMARKS.md, "Drawing
-    # styles"): queries as drawn, and the stroke-normalised twins of the training sketches as one
-    # more drawing style in training (norm_augment). stroke_norm=True normalises queries too.
+    # Stroke normalisation (model.stroke_norm: one line width, fills outlined, framed alike). Chosen
+    # on validation classes with the training styles only (docs/BENCHMARKS.md, "Drawing styles"):
+    # queries as drawn, and the normalised twins of the training sketches as one more drawing style
+    # in training (norm_augment). stroke_norm=True normalises every sketch, training and queries.
     stroke_norm: bool = False
     norm_augment: bool = True
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
@@ -108,7 +107,7 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
     are never part of either; without `extra_styles`, style-set records only validate. With
     `norm_augment` the normalised sketch rows stay beside the drawn ones (as views NORM_VIEW + v:
     training rows, never validation queries)."""
-    if not (norm_augment and not stroke_norm):
+    if stroke_norm or not norm_augment:
         fs = fs.for_sketches(records, stroke_norm)
     gran = split.granularity
     rec_label = np.array([r.label(gran) for r in records])
