@@ -250,7 +250,7 @@ def _job(
         model = _load_model(staged, opt, precision)
         dim = model.dim
     if opt.index != "auto":
-        _plan(1, dim, opt)  # refuse a bad factory string before spending time on embeddings
+        _plan(1, int(config.get("search_dim") or dim), opt)  # refuse a bad factory before embedding
     cache = EmbeddingCache(job_dir / "chunks", dim)
     before = set(cache.row) | set(cache.failures)
     reuse = _Reuse.of(previous) if previous is not None and mode == "update" else _Reuse()
@@ -352,11 +352,14 @@ def _job(
         return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
 
     t = time.perf_counter()
-    n_shards, shard_reason, plan = shard_plan(ids, dim, opt)
-    index = build_sharded_index(vectors, ids, plan.factory, n_shards, opt.threads, cluster)
+    # the index holds the searched part of each row (IIAE's zs); a re-ranking part stays in vectors.npy
+    search_dim = int(config.get("search_dim") or dim)
+    searched = np.ascontiguousarray(vectors[:, :search_dim])
+    n_shards, shard_reason, plan = shard_plan(ids, search_dim, opt)
+    index = build_sharded_index(searched, ids, plan.factory, n_shards, opt.threads, cluster)
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    recall = faiss_index.tune_and_measure(index, vectors, ids, target=opt.recall_target)
+    recall = faiss_index.tune_and_measure(index, searched, ids, target=opt.recall_target)
     timings["recall_s"] = time.perf_counter() - t
     if recall.recall < opt.recall_target:
         LOG.warning(
@@ -683,6 +686,10 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
             "dir": "model",
         },
         "dim": dim,
+        # rows of vectors.npy are [zs | re-ranking vector] where the model re-ranks (model/rerank.py);
+        # the index holds the first search_dim columns
+        "search_dim": int(config.get("search_dim") or dim),
+        "rerank": config.get("rerank"),
         "count": count,
         "metric": "inner_product",
         "index": {

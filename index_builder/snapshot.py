@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.fsutil import fsync_dir, fsync_tree, sha256_file, write_text_atomic
+from model.rerank import RerankConfig, rerank, split_rows
 from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -186,7 +187,15 @@ class Snapshot:
         self.path = path
         self.manifest = manifest
         self.id: str = manifest["id"]
-        self.dim: int = int(manifest["dim"])
+        self.dim: int = int(manifest["dim"])  # width of a vectors.npy row (and of a query)
+        # the columns the index holds; the rest re-rank the index's candidates (model/rerank.py)
+        self.search_dim: int = int(manifest.get("search_dim") or self.dim)
+        self.rerank: RerankConfig | None = RerankConfig.from_dict(manifest.get("rerank"))
+        if self.rerank is not None and self.search_dim + self.rerank.dim != self.dim:
+            raise SnapshotError(f"{path}: {self.dim}-d rows are not {self.search_dim}-d searched "
+                                f"+ {self.rerank.dim}-d re-ranking")
+        self._ids: np.ndarray | None = None  # ids.npy and vectors.npy (memory-mapped), for re-ranking
+        self._vectors: np.ndarray | None = None
         self.count: int = int(manifest["count"])
         self.model_sha256: str = manifest["model"]["sha256"]
         # the backbone precision its vectors were made in; snapshots before int8 existed are fp32
@@ -247,10 +256,17 @@ class Snapshot:
         _check_model(path, manifest)
         index = _read_index(path, manifest, on_gpus=not verify)  # verify reads the ids: CPU
         db = _open_db(path / PHOTOS_DB, manifest)
-        snap = cls(path, manifest, index, db)
-        if verify:
+        try:
+            snap = cls(path, manifest, index, db)
+        except BaseException:
+            db.close()
+            raise
+        if verify or snap.rerank is not None:
             try:
-                snap._check_consistency()
+                if snap.rerank is not None:
+                    snap._open_vectors()
+                if verify:
+                    snap._check_consistency()
             except BaseException:
                 snap.close()
                 raise
@@ -262,6 +278,15 @@ class Snapshot:
             snap.model_sha256[:12],
         )
         return snap
+
+    def _open_vectors(self) -> None:
+        """ids.npy in memory and vectors.npy memory-mapped: the second stage reads candidates' rows."""
+        ids = _load_npy(self.path / IDS_FILE)
+        vectors = _load_npy(self.path / VECTORS_FILE, mmap=True)
+        if ids.shape != (self.count,) or vectors.dtype != np.float32 or vectors.shape != (self.count, self.dim):
+            raise SnapshotError(f"{IDS_FILE} / {VECTORS_FILE}: shapes {ids.shape} / {vectors.shape}, "
+                                f"expected ({self.count},) / ({self.count}, {self.dim})")
+        self._ids, self._vectors = ids, vectors
 
     def _check_consistency(self) -> None:
         from index_builder import faiss_index
@@ -287,14 +312,16 @@ class Snapshot:
             db_ids = np.array([r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")], np.int64)
         if not np.array_equal(db_ids, ids):
             raise SnapshotError("the photo store and ids.npy hold different ids")
-        norms = np.linalg.norm(vectors, axis=1) if self.count else np.ones(0)
-        if not np.isfinite(norms).all() or (np.abs(norms - 1) > 1e-3).any():
-            raise SnapshotError(f"{VECTORS_FILE} holds rows that are not unit vectors")
+        parts = split_rows(np.asarray(vectors), self.search_dim) if self.rerank else (np.asarray(vectors),)
+        for part in parts:
+            norms = np.linalg.norm(part, axis=1) if self.count else np.ones(0)
+            if not np.isfinite(norms).all() or (np.abs(norms - 1) > 1e-3).any():
+                raise SnapshotError(f"{VECTORS_FILE} holds rows that are not unit vectors")
         # the index must find stored vectors about as well as it did at build time
         if self.count > 1:
             recorded = float(self.manifest["index"].get("recall", {}).get("recall", 0.0))
             check = faiss_index.tune_and_measure(
-                self._index, np.asarray(vectors), ids, sample=100, seed=1, tune=False
+                self._index, np.ascontiguousarray(parts[0]), ids, sample=100, seed=1, tune=False
             )
             if check.recall < recorded - 0.1:
                 raise SnapshotError(
@@ -303,9 +330,11 @@ class Snapshot:
 
     # --- queries -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) float32 unit rows -> scores (n, k) float32 (cosine), ids (n, k) int64.
+        """(n, dim) float32 model rows -> scores (n, k) float32, ids (n, k) int64.
 
-        Where fewer than k photos exist, ids are -1 and scores -inf.
+        Scores are cosines of the searched part, or where the snapshot re-ranks (`rerank`), the
+        second stage's mean of two cosines over the index's top `rerank.top` candidates
+        (model/rerank.py). Where fewer than k photos exist, ids are -1 and scores -inf.
         """
         from index_builder import faiss_index
 
@@ -316,7 +345,15 @@ class Snapshot:
             raise ValueError(f"k must be >= 1, got {k}")
         if self._index is None:
             raise SnapshotError(f"snapshot {self.id} is closed")
-        return faiss_index.search(self._index, queries, k)
+        if self.rerank is None or not self.count:
+            return faiss_index.search(self._index, np.ascontiguousarray(queries[:, : self.search_dim]), k)
+        first_q, second_q = split_rows(queries, self.search_dim)
+        first, cand = faiss_index.search(self._index, np.ascontiguousarray(first_q), max(k, self.rerank.top))
+        # candidates' rows in vectors.npy (ids.npy is sorted); a missing candidate (-1) reads row 0
+        rows = np.where(cand >= 0, np.searchsorted(self._ids, np.maximum(cand, 0)), 0)
+        cand_vecs = np.asarray(self._vectors[rows.ravel(), self.search_dim :]).reshape(*cand.shape, -1)
+        second = np.einsum("nd,nrd->nr", second_q, cand_vecs)
+        return rerank(cand, first, second, self.rerank.weight, k)  # top >= k: (n, k) each
 
     def lookup(self, ids: Sequence[int]) -> list[dict | None]:
         """Photo records for ids, in order: {"id", "path", "sha256", "metadata"}; None for unknown ids."""
@@ -346,6 +383,7 @@ class Snapshot:
                 self._db.close()
                 self._db = None
         self._index = None
+        self._vectors = None
 
     def __enter__(self) -> Snapshot:
         return self
@@ -393,9 +431,10 @@ def _read_index(path: Path, manifest: dict, on_gpus: bool = True):
             index = faiss.read_index(str(path / rel))
         except RuntimeError as exc:
             raise SnapshotError(f"{path / rel} is unreadable: {str(exc).splitlines()[-1]}") from None
-        if index.d != int(manifest["dim"]) or index.ntotal != size:
+        searched = int(manifest.get("search_dim") or manifest["dim"])
+        if index.d != searched or index.ntotal != size:
             raise SnapshotError(
-                f"{path / rel}: {index.ntotal} vectors of {index.d}-d, manifest says {size} of {manifest['dim']}-d"
+                f"{path / rel}: {index.ntotal} vectors of {index.d}-d, manifest says {size} of {searched}-d"
             )
         params = manifest["index"].get("search_params") or {}
         try:

@@ -7,7 +7,14 @@ import json
 import logging
 from pathlib import Path
 
-from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_BACKBONE, DEFAULT_IIAE_EMA
+from model.defaults import (
+    DEFAULT_ADAPTER_OUTPUT,
+    DEFAULT_BACKBONE,
+    DEFAULT_IIAE_EMA,
+    DEFAULT_RERANK,
+    DEFAULT_RERANK_TOP,
+    DEFAULT_RERANK_WEIGHT,
+)
 from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -78,7 +85,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-extra-styles", action="store_true",
                    help="train on the core sketches only, not on the dataset's extra style sets (they still validate)")
     t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
-    t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE comparison model")
+    t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE peer (needs --rerank adapter or none)")
+    t.add_argument("--rerank", choices=["infonce", "adapter", "none"], default=DEFAULT_RERANK,
+                   help="the served second stage over IIAE's candidates (docs/MODEL.md, 'Re-ranking'; default: "
+                        "%(default)s)")
+    t.add_argument("--rerank-top", type=int, default=DEFAULT_RERANK_TOP, metavar="R",
+                   help="IIAE candidates the second stage re-orders (default: %(default)s)")
+    t.add_argument("--rerank-weight", type=float, default=DEFAULT_RERANK_WEIGHT, metavar="W",
+                   help="the second cosine's share of the score (default: %(default)s)")
     t.add_argument("--threads", type=int, default=0)
     f = t.add_argument_group(
         "fine-tuning (off by default; meant for GPU hosts)",
@@ -216,7 +230,8 @@ def cmd_train(args) -> int:
                       iiae_ema=args.iiae_ema, adapter_output=args.adapter_output,
                       time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit,
                       stroke_norm=args.stroke_norm, extra_styles=not args.no_extra_styles,
-                      norm_augment=not args.no_norm_augment)
+                      norm_augment=not args.no_norm_augment, rerank=args.rerank, rerank_top=args.rerank_top,
+                      rerank_weight=args.rerank_weight)
     if args.finetune_blocks:
         from model.finetune import FinetuneConfig, finetune_and_train
 
@@ -227,7 +242,10 @@ def cmd_train(args) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     else:
-        summary = train_all(fs, records, split, cfg, args.out)
+        try:
+            summary = train_all(fs, records, split, cfg, args.out)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     print(json.dumps(summary, indent=2))
     return 0
 

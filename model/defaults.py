@@ -8,3 +8,9 @@ DEFAULT_ADAPTER_OUTPUT = "l2"
 
 # Decay of the moving average of IIAE's weights that is validated, kept and served (0: the raw weights).
 DEFAULT_IIAE_EMA = 0.998
+
+# The served second stage (model/rerank.py): which vector re-orders IIAE's top candidates ("infonce",
+# "adapter" or "none"), how many candidates, and the second cosine's share of the score.
+DEFAULT_RERANK = "infonce"
+DEFAULT_RERANK_TOP = 200
+DEFAULT_RERANK_WEIGHT = 0.5

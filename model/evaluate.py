@@ -11,9 +11,10 @@ image of the style against every gallery image, seen classes too: the style is w
 `STYLE/category` (unseen classes); a set with its own photos (line icons against their colour
 versions) has an instance task against those only. `on="val"` puts the validation classes in the
 unseen classes' place and leaves out held-out styles and edge maps (for choosing settings).
-Methods: raw backbone features, raw features standardised per domain (both on the images as they
-are), the adapter alone, the InfoNCE peer and IIAE (on what their model was trained on). Several
-runs (split seeds) give mean and spread.
+Methods: what the service answers ("served": IIAE's zs finds the candidates and, where the model has
+one, the second stage of model.rerank re-orders its top ones), IIAE's zs alone, the adapter alone, the
+InfoNCE peer (each on what their model was trained on), and raw backbone features, as they are and
+standardised per domain (on the images as they are). Several runs (split seeds) give mean and spread.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 
 from model.data.dataset import Record, Split, resolve_path
 from model.features import EDGE_VIEW, FEATURES_FILE, FeatureSet
-from model.metrics import evaluate_retrieval, pr_curve, ranked_relevance
+from model.metrics import evaluate_retrieval, evaluate_scored, pr_curve, ranked_relevance
+from model.rerank import rerank_matrix, split_rows
 
 LOG = logging.getLogger(__name__)
 
-METHODS = ("raw", "standardised", "adapter", "infonce", "iiae")
+METHODS = ("served", "iiae", "adapter", "infonce", "standardised", "raw")
 
 
 # The untrained baselines read the images as they are; the trained methods read what their model
@@ -64,8 +66,8 @@ def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[st
 
 
 def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
+    from model.peer import InfoNCEPeer
     from model.pipeline import SBIRModel
-    from model.train import InfoNCEPeer
 
     model = SBIRModel.load(run / "model", device="cpu", with_backbone=False)
     adapter = model.adapter
@@ -85,7 +87,8 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
         a = adapter(x, domain)
         return model.iiae.encode_sketches(a) if domain == "sketch" else model.iiae.encode_photos(a)
 
-    enc = {"raw": raw, "standardised": standardised, "adapter": adapted, "iiae": iiae}
+    enc = {"served": model.encode_features, "raw": raw, "standardised": standardised, "adapter": adapted,
+           "iiae": iiae}
     peer_path = run / "peer_infonce.safetensors"
     if peer_path.is_file():
         from safetensors.torch import load_file
@@ -96,6 +99,13 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
         peer.eval()
         enc["infonce"] = lambda x, domain: peer.encode(adapter(x, domain), domain)
     return model, enc
+
+
+def _served_scores(qe: np.ndarray, ge: np.ndarray, model):
+    """Scores of queries in a slice against the gallery whose order is the service's: IIAE's
+    candidates re-ranked by the model's second stage (model.rerank)."""
+    (q1, q2), (g1, g2) = split_rows(qe, model.search_dim), split_rows(ge, model.search_dim)
+    return lambda sl: rerank_matrix(q1[sl] @ g1.T, q2[sl] @ g2.T, model.rerank)
 
 
 def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised: bool, seed: int,
@@ -207,7 +217,11 @@ def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: 
             with torch.no_grad():
                 qe = np.asarray(fn(feats[q], "sketch"))
                 ge = np.asarray(fn(feats[g], "photo"))
-            rep = evaluate_retrieval(qe, ql, ge, gl, **metric_kw)
+            if method == "served" and model.rerank is not None:
+                rep = evaluate_scored(_served_scores(qe, ge, model), ql, gl, **metric_kw)
+                qe, ge = qe[:, : model.search_dim], ge[:, : model.search_dim]  # figures: the first stage
+            else:
+                rep = evaluate_retrieval(qe, ql, ge, gl, **metric_kw)
             results["tasks"][task][method] = rep.to_dict()
             embeddings[(task, method)] = (qe, ge)
     results["_rows"] = family["model"][2]

@@ -141,9 +141,26 @@ def evaluate_retrieval(
     """Cosine retrieval (embeddings are L2-normalised here) of every query against the gallery."""
     q = query_emb / np.maximum(np.linalg.norm(query_emb, axis=1, keepdims=True), 1e-12)
     g = gallery_emb / np.maximum(np.linalg.norm(gallery_emb, axis=1, keepdims=True), 1e-12)
+    return evaluate_scored(lambda sl: q[sl] @ g.T, query_labels, gallery_labels, ks, map_ks, precision_variant,
+                           map_variant, ties, block)
+
+
+def evaluate_scored(
+    scores_of,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: tuple[int, ...] = (1, 100, 200),
+    map_ks: tuple[int, ...] = (200,),
+    precision_variant: str = "hits/k",
+    map_variant: str = "topk",
+    ties: str = "stable",
+    block: int = 256,
+) -> RetrievalReport:
+    """Retrieval metrics of any ranking: `scores_of(slice)` gives the (queries in slice, gallery)
+    scores whose descending order is the ranking."""
     aps, precs, maps = [], {k: [] for k in ks}, {k: [] for k in map_ks}
-    for sl in _blocks(len(q), block):
-        scores = q[sl] @ g.T
+    for sl in _blocks(len(query_labels), block):
+        scores = scores_of(sl)
         relevant = query_labels[sl, None] == gallery_labels[None, :]
         aps.append(average_precision(scores, relevant, ties=ties))
         rel_ranked = ranked_relevance(scores, relevant)
@@ -156,7 +173,7 @@ def evaluate_retrieval(
         map_all=float(ap.mean()) if len(ap) else 0.0,
         precision={k: float(np.concatenate(v).mean()) if v else 0.0 for k, v in precs.items()},
         map_at={k: float(np.concatenate(v).mean()) if v else 0.0 for k, v in maps.items()},
-        n_queries=len(q),
-        n_gallery=len(g),
+        n_queries=len(query_labels),
+        n_gallery=len(gallery_labels),
         per_query_ap=ap,
     )

@@ -1,6 +1,9 @@
 """The whole encoder as one object: image -> backbone -> adapter -> IIAE's rx / ry -> zs.
 
-`SBIRModel` is what the index builder and the service load. A checkpoint is a directory with
+`SBIRModel` is what the index builder and the service load. With a served second stage
+(`config["rerank"]`, model.rerank) a row is `[zs | v]`: IIAE's zs, which the index searches, then the
+vector that re-ranks IIAE's top candidates (the InfoNCE peer's, whose weights the checkpoint then
+holds); each part is a unit vector. A checkpoint is a directory with
 `model.safetensors` (adapter and IIAE weights) and `config.json` (backbone name and weights sha256,
 every dimension and hyperparameter, the split and a hash of the training data). The backbone's own
 weights are not copied: they are found by name and verified by sha256 on load.
@@ -23,6 +26,8 @@ from PIL import Image
 from model.adapter import AdapterConfig, FeatureAdapter
 from model.backbones import Backbone, create_backbone
 from model.iiae import IIAE, IIAEConfig
+from model.peer import InfoNCEPeer
+from model.rerank import RerankConfig
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 from model.stroke_norm import normalise_strokes
 
@@ -51,7 +56,8 @@ def checkpoint_sha256(ckpt_dir: str | Path) -> str:
 
 
 class SBIRModel:
-    """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) unit rows."""
+    """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) rows: unit
+    vectors of `search_dim`, or `[zs | v]` (two unit parts) where the model re-ranks (`rerank`)."""
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class SBIRModel:
         iiae: IIAE,
         config: dict,
         device: str | torch.device | None = "cpu",
+        peer: InfoNCEPeer | None = None,
     ):
         self.device = resolve_device(device)
         self.backbone = backbone.to(self.device) if backbone is not None else None
@@ -70,11 +77,26 @@ class SBIRModel:
         self.backbone_tensors: dict[str, torch.Tensor] = {}
         self.embedding = config.get("embedding", "iiae")
         assert self.embedding in EMBEDDINGS, f"unknown embedding {self.embedding!r}"
+        # the served second stage (model.rerank): only over IIAE's zs
+        self.rerank = RerankConfig.from_dict(config.get("rerank")) if self.embedding == "iiae" else None
+        self.peer = peer.to(self.device).eval() if peer is not None else None
+        if self.rerank is not None:
+            if self.rerank.vector == "infonce" and self.peer is None:
+                raise ValueError("re-ranking with the InfoNCE peer needs the peer's weights")
+            made = self.peer.out_dim if self.rerank.vector == "infonce" else self.adapter.cfg.output_dim
+            if self.rerank.dim != made:
+                raise ValueError(f"re-ranking with {self.rerank.dim}-d vectors, the {self.rerank.vector} makes {made}-d")
         self.sha256: str | None = None
 
     @property
-    def dim(self) -> int:
+    def search_dim(self) -> int:
+        """Width of what the index searches: zs (or the adapter's output where that is served)."""
         return self.iiae.cfg.latent_dim if self.embedding == "iiae" else self.adapter.cfg.output_dim
+
+    @property
+    def dim(self) -> int:
+        """Width of an encoded row: `search_dim`, plus the re-ranking part where there is one."""
+        return self.search_dim + (self.rerank.dim if self.rerank is not None else 0)
 
     # --- encoding -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,6 +111,9 @@ class SBIRModel:
             z = self.iiae.encode_sketches(a)
         else:
             z = self.iiae.encode_photos(a)
+        if self.rerank is not None:
+            v = self.peer.encode(a, domain) if self.rerank.vector == "infonce" else F.normalize(a, dim=-1)
+            z = torch.cat([z, v], dim=-1)
         return z.float().cpu().numpy()
 
     def _autocast(self):
@@ -143,6 +168,8 @@ class SBIRModel:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         tensors.update({f"iiae.{k}": v.detach().cpu().contiguous() for k, v in self.iiae.state_dict().items()})
+        if self.peer is not None:
+            tensors.update({f"peer.{k}": v.detach().cpu().contiguous() for k, v in self.peer.state_dict().items()})
         tensors.update(self.backbone_tensors)
         config = dict(self.config)
         config["format"] = FORMAT
@@ -150,6 +177,8 @@ class SBIRModel:
         config["iiae"] = self.iiae.cfg.to_dict()
         config["embedding"] = self.embedding
         config["dim"] = self.dim
+        config["search_dim"] = self.search_dim
+        config["rerank"] = self.rerank.to_dict() if self.rerank is not None else None
         if self.backbone is not None:
             config["backbone"] = self.backbone.describe()
         tmp_w, tmp_c = ckpt_dir / (WEIGHTS_FILE + ".tmp"), ckpt_dir / (CONFIG_FILE + ".tmp")
@@ -200,6 +229,11 @@ class SBIRModel:
         adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
         iiae = IIAE(IIAEConfig(**config["iiae"]))
         iiae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("iiae.")})
+        peer = None
+        if "peer.sketch.weight" in tensors:
+            w = tensors["peer.sketch.weight"]
+            peer = InfoNCEPeer(w.shape[1], w.shape[0])
+            peer.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("peer.")})
         from model.finetune import PREFIX, tensors_sha256
 
         tuned = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
@@ -224,7 +258,10 @@ class SBIRModel:
                 )
             except ValueError as exc:  # tuned tensors that do not fit the backbone
                 raise UserError(f"{ckpt_dir}: {exc}") from None
-        model = cls(backbone, adapter, iiae, config, device=device)
+        try:
+            model = cls(backbone, adapter, iiae, config, device=device, peer=peer)
+        except ValueError as exc:  # a re-ranking stage the weights do not fit
+            raise UserError(f"{ckpt_dir}: {exc}") from None
         model.backbone_tensors = tuned
         model.sha256 = checkpoint_sha256(ckpt_dir)
         return model
@@ -240,6 +277,8 @@ class SBIRModel:
             "precision": self.precision,
             "embedding": self.embedding,
             "dim": self.dim,
+            "search_dim": self.search_dim,
+            "rerank": self.rerank.to_dict() if self.rerank is not None else None,
             "backbone": self.config.get("backbone"),
             "device": str(self.device),
             "runtime": self.backbone.runtime() if self.backbone is not None else None,

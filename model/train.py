@@ -21,10 +21,18 @@ from torch import nn
 
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
 from model.data.dataset import Record, Split
-from model.defaults import DEFAULT_ADAPTER_OUTPUT, DEFAULT_IIAE_EMA
+from model.defaults import (
+    DEFAULT_ADAPTER_OUTPUT,
+    DEFAULT_IIAE_EMA,
+    DEFAULT_RERANK,
+    DEFAULT_RERANK_TOP,
+    DEFAULT_RERANK_WEIGHT,
+)
 from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet
 from model.iiae import IIAE, IIAEConfig
 from model.metrics import evaluate_retrieval
+from model.peer import InfoNCEPeer
+from model.rerank import RerankConfig
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 
 LOG = logging.getLogger(__name__)
@@ -68,12 +76,18 @@ class TrainConfig:
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
     # Tabler icons); False keeps them out of training but still validates on their seen classes.
     extra_styles: bool = True
-    # InfoNCE peer (comparison only)
+    # InfoNCE peer: a comparison model, and the served second stage below
     peer: bool = True
     peer_temperature: float = 0.1
     peer_max_steps: int = 3000
     # which output is the served embedding; "iiae" unless IIAE is switched off
     embedding: str = "iiae"
+    # The served second stage (model/rerank.py): IIAE's top `rerank_top` candidates re-ordered by the
+    # mean of zs's cosine and the InfoNCE peer's ("adapter": the adapter's output; "none": zs alone).
+    # Chosen on validation classes (docs/BENCHMARKS.md, "Served re-ranking").
+    rerank: str = DEFAULT_RERANK
+    rerank_top: int = DEFAULT_RERANK_TOP
+    rerank_weight: float = DEFAULT_RERANK_WEIGHT
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
     # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
     # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
@@ -348,18 +362,6 @@ def train_iiae(
                    "history": history}
 
 
-class InfoNCEPeer(nn.Module):
-    """The discriminative peer: two linear projections trained with a symmetric InfoNCE loss."""
-
-    def __init__(self, in_dim: int, out_dim: int = 64):
-        super().__init__()
-        self.sketch = nn.Linear(in_dim, out_dim)
-        self.photo = nn.Linear(in_dim, out_dim)
-
-    def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
-        return F.normalize((self.sketch if domain == "sketch" else self.photo)(x), dim=-1)
-
-
 def train_peer(
     td: TrainData, a: torch.Tensor, cfg: TrainConfig, log, stop_at: int | None = None
 ) -> tuple[InfoNCEPeer, dict]:
@@ -420,6 +422,8 @@ def train_all(
         log_file.flush()
         LOG.info(" ".join(f"{k}={v}" for k, v in entry.items()))
 
+    if cfg.rerank == "infonce" and not cfg.peer:
+        raise ValueError("re-ranking with the InfoNCE peer needs the peer: drop --no-peer or choose --rerank")
     t0 = time.perf_counter()
     td = prepare(fs, records, split, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment)
     log({"stage": "data", **td.counts, "classes": len(td.classes), "val_classes": len(split.val)})
@@ -452,8 +456,13 @@ def train_all(
         save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out_dir / "peer_infonce.safetensors"))
         summary["infonce"] = p_info
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    rerank = None
+    if cfg.rerank != "none" and cfg.embedding == "iiae":
+        dim = cfg.latent_dim if cfg.rerank == "infonce" else cfg.adapter_dim
+        rerank = RerankConfig(cfg.rerank, dim, cfg.rerank_top, cfg.rerank_weight).to_dict()
     config = {
         "embedding": cfg.embedding,
+        "rerank": rerank,
         "sketch_preprocessing": {"stroke_norm": cfg.stroke_norm, "stroke_norm_version": STROKE_NORM_VERSION},
         "training": {
             "config": cfg.to_dict(),
@@ -467,7 +476,8 @@ def train_all(
             "val_mAP": {"adapter": a_info["val_mAP"], "iiae": i_info["val_mAP"]},
         } | (extra_training or {}),
     }
-    model = SBIRModel(backbone, adapter, iiae, config, device="cpu")
+    model = SBIRModel(backbone, adapter, iiae, config, device="cpu",
+                      peer=peer if rerank and cfg.rerank == "infonce" else None)
     model.backbone_tensors = dict(backbone_tensors or {})
     if backbone is None:
         config["backbone"] = fs.meta["plan"]["backbone"]

@@ -76,7 +76,7 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
     from model.train import TrainConfig, train_all
 
     model_dir = work / "model"
-    cfg = TrainConfig(peer=False)
+    cfg = TrainConfig()  # the peer too: it is the served second stage (model/rerank.py)
     state = cached_model_state(model_dir, split, fs.meta.get("plan"), cfg.to_dict())
     if state == "reuse":
         print(f"      reusing the model in {model_dir} (trained on the same split, features and settings)")

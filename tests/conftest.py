@@ -31,13 +31,18 @@ def untrained_checkpoint(tmp_path_factory):
     from model.adapter import AdapterConfig, FeatureAdapter
     from model.backbones import create_backbone
     from model.iiae import IIAE, IIAEConfig
+    from model.peer import InfoNCEPeer
     from model.pipeline import SBIRModel
+    from model.rerank import RerankConfig
 
     torch.manual_seed(0)
     backbone = create_backbone("efficientnet_lite2")
     adapter = FeatureAdapter(AdapterConfig(input_dim=backbone.dim))
     iiae = IIAE(IIAEConfig())
-    model = SBIRModel(backbone, adapter, iiae, {"training": {"note": "untrained test fixture"}})
+    # as trained models are served: IIAE's zs finds candidates, the peer re-ranks them (model/rerank.py)
+    peer = InfoNCEPeer(adapter.cfg.output_dim, 64)
+    config = {"training": {"note": "untrained test fixture"}, "rerank": RerankConfig().to_dict()}
+    model = SBIRModel(backbone, adapter, iiae, config, peer=peer)
     path = tmp_path_factory.mktemp("ckpt") / "model"
     model.save(path)
     return path

@@ -102,7 +102,7 @@ def tuned_run(tmp_path_factory):
                           workers=0, progress=False)
     split = Split(name="tiny", seed=0, train=["c0", "c1", "c2", "c3"], val=["c4", "c5"], unseen=["c6", "c7"])
     cfg = TrainConfig(adapter_max_epochs=3, adapter_batch=8, iiae_max_steps=20, iiae_eval_every=10,
-                      peer=False, adapter_dim=16, latent_dim=8)
+                      peer=False, rerank="none", adapter_dim=16, latent_dim=8)
     fcfg = FinetuneConfig(blocks=6, max_epochs=2, batch=8, lr=1e-3)
     summary = finetune_and_train(tmp / "ds", records, fs, split, cfg, fcfg, tmp / "run", device="cpu",
                                  workers=0, progress=False)

@@ -22,6 +22,7 @@ from index_builder.snapshot import (
     snapshots_dir,
 )
 from model.pipeline import checkpoint_sha256
+from model.rerank import RerankConfig, rerank_matrix
 from sbir.cli import main as sbir_main
 
 DIM = 16
@@ -35,13 +36,18 @@ def fake_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_snapshot(root: Path, ckpt: Path, n: int = 40, seed: int = 0, factory: str = "Flat", publish=True):
+def write_snapshot(root: Path, ckpt: Path, n: int = 40, seed: int = 0, factory: str = "Flat", publish=True,
+                   rerank: RerankConfig | None = None):
+    """A snapshot of `n` random unit rows; with `rerank`, rows of [searched | re-ranking] parts."""
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(2**40, n, replace=False)).astype(np.int64)
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = fi.build_index(vectors, ids, factory)
     recall = fi.tune_and_measure(index, vectors, ids, sample=20)
+    if rerank is not None:
+        second = rng.standard_normal((n, rerank.dim)).astype(np.float32)
+        vectors = np.hstack([vectors, second / np.linalg.norm(second, axis=1, keepdims=True)])
     rows = [
         (
             int(pid),
@@ -53,7 +59,9 @@ def write_snapshot(root: Path, ckpt: Path, n: int = 40, seed: int = 0, factory: 
         for i, pid in enumerate(ids)
     ]
     manifest = {
-        "dim": DIM,
+        "dim": vectors.shape[1],
+        "search_dim": DIM,
+        "rerank": rerank.to_dict() if rerank is not None else None,
         "count": n,
         "model": {"sha256": checkpoint_sha256(ckpt)},
         "index": {"factory": factory, "search_params": recall.params, "recall": recall.to_dict()},
@@ -105,6 +113,30 @@ def test_search_equals_numpy_and_pads_with_minus_one(tmp_path, ckpt):
     np.testing.assert_array_equal(found[:, :40], ids[order])
     np.testing.assert_allclose(scores[:, :40], np.take_along_axis(ref, order, axis=1), atol=1e-5)
     assert (found[:, 40:] == -1).all() and np.isneginf(scores[:, 40:]).all()
+
+
+@pytest.mark.parametrize("n, k", [(40, 5), (40, 60), (300, 12)])
+def test_a_reranking_snapshot_answers_as_the_evaluation_ranks(tmp_path, ckpt, n, k):
+    """The index finds the top candidates by the first part; the second stage re-orders them
+    (model/rerank.py), exactly as `sbir eval` scores the served method (for k <= top)."""
+    cfg = RerankConfig(vector="adapter", dim=8, top=20, weight=0.5)
+    root = tmp_path / "index"
+    _, ids, vectors = write_snapshot(root, ckpt, n=n, rerank=cfg)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((4, DIM + 8)).astype(np.float32)
+    q[:, :DIM] /= np.linalg.norm(q[:, :DIM], axis=1, keepdims=True)
+    q[:, DIM:] /= np.linalg.norm(q[:, DIM:], axis=1, keepdims=True)
+    with Snapshot.open(root, verify=True) as snap:
+        assert snap.dim == DIM + 8 and snap.search_dim == DIM and snap.rerank == cfg
+        scores, found = snap.search(q, k)
+    # asked for more than `top`, the second stage re-orders the first k candidates
+    wide = RerankConfig(cfg.vector, cfg.dim, max(k, cfg.top), cfg.weight)
+    full = rerank_matrix(q[:, :DIM] @ vectors[:, :DIM].T, q[:, DIM:] @ vectors[:, DIM:].T, wide)
+    order = np.argsort(-full, axis=1, kind="stable")
+    shown = min(k, n)
+    np.testing.assert_array_equal(found[:, :shown], ids[order[:, :shown]])
+    np.testing.assert_allclose(scores[:, :shown], np.take_along_axis(full, order[:, :shown], 1), atol=1e-5)
+    assert (found[:, shown:] == -1).all() and np.isneginf(scores[:, shown:]).all()
 
 
 def test_search_rejects_wrong_shapes(tmp_path, ckpt):

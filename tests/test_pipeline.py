@@ -22,8 +22,11 @@ def _images():
 def test_checkpoint_round_trip(untrained_checkpoint, tmp_path):
     model = SBIRModel.load(untrained_checkpoint, device="cpu")
     a = model.encode_sketches(_images())
-    assert a.shape == (3, 64) and a.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    # a row is [zs | the peer's vector] (model/rerank.py), each part a unit vector
+    assert model.search_dim == 64 and model.rerank.vector == "infonce" and model.rerank.dim == 64
+    assert a.shape == (3, 128) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a[:, :64], axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(a[:, 64:], axis=1), 1, atol=1e-5)
     sha = model.save(tmp_path / "copy")
     assert sha == checkpoint_sha256(tmp_path / "copy") == model.sha256
     again = SBIRModel.load(tmp_path / "copy", device="cpu")
@@ -32,6 +35,7 @@ def test_checkpoint_round_trip(untrained_checkpoint, tmp_path):
     assert cfg["backbone"]["name"] == "efficientnet_lite2"
     assert len(cfg["backbone"]["weights_sha256"]) == 64
     assert cfg["iiae"]["latent_dim"] == 64 and cfg["adapter"]["output_dim"] == 512
+    assert cfg["dim"] == 128 and cfg["search_dim"] == 64 and cfg["rerank"]["top"] == 200
     # sketch and photo encoders are different networks
     assert not np.allclose(again.encode_photos(_images()), a)
 
@@ -51,3 +55,16 @@ def test_backbone_weights_mismatch_and_bad_checkpoints_are_refused(untrained_che
     with pytest.raises(UserError):
         SBIRModel.load(tmp_path / "nothing", device="cpu")
     assert checkpoint_sha256(bad) != checkpoint_sha256(untrained_checkpoint)
+
+
+def test_a_reranking_checkpoint_without_its_peer_is_refused(untrained_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nopeer"
+    shutil.copytree(untrained_checkpoint, bad)
+    tensors = {k: v for k, v in load_file(str(bad / "model.safetensors")).items() if not k.startswith("peer.")}
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(UserError, match="peer"):
+        SBIRModel.load(bad, device="cpu", with_backbone=False)

@@ -87,10 +87,46 @@ def test_unseen_class_retrieval_beats_raw_features_and_chance(trained, tmp_path)
     assert "infonce" in res and "adapter" in res
 
 
+def test_the_served_model_reranks_iiae_candidates_with_the_peer(trained, tmp_path):
+    """The checkpoint holds the peer; a row is [zs | peer vector]; `sbir eval` reports the served
+    ranking (IIAE's candidates re-ordered) beside IIAE's zs alone."""
+    from safetensors.torch import load_file
+
+    from model.peer import InfoNCEPeer
+    from model.pipeline import SBIRModel
+
+    fs, records, split, out, _ = trained
+    model = SBIRModel.load(out / "model", device="cpu", with_backbone=False)
+    assert model.rerank is not None and model.rerank.vector == "infonce" and model.rerank.top == 200
+    assert model.search_dim == 16 and model.dim == 32
+    rows = model.encode_features(fs.feats[:20], "photo")
+    np.testing.assert_allclose(np.linalg.norm(rows[:, :16], axis=1), 1, atol=1e-5)
+    peer = InfoNCEPeer(32, 16)
+    peer.load_state_dict(load_file(str(out / "peer_infonce.safetensors")))  # the comparison model's file
+    import torch
+
+    with torch.no_grad():
+        v = peer.encode(model.adapter(torch.from_numpy(fs.feats[:20]).float(), "photo"), "photo").numpy()
+    np.testing.assert_allclose(rows[:, 16:], v, atol=1e-5)
+    report = evaluate_runs(tmp_path, records, fs, [out], tmp_path, figures=False)
+    res = report["runs"][0]["tasks"]["instance"]
+    assert {"served", "iiae", "infonce"} <= set(res)
+    assert res["served"]["mAP@all"] != res["iiae"]["mAP@all"]  # the second stage changed the ranking
+    assert report["table_markdown"].index("| served |") < report["table_markdown"].index("| iiae |")
+
+
+def test_without_the_peer_the_peer_cannot_rerank(tmp_path):
+    fs, records, split = synthetic(n_classes=20)
+    cfg = TrainConfig(adapter_max_epochs=2, iiae_max_steps=20, iiae_eval_every=10, peer=False, adapter_dim=32,
+                      latent_dim=16)
+    with pytest.raises(ValueError, match="peer"):
+        train_all(fs, records, split, cfg, tmp_path)
+
+
 def test_training_is_deterministic_under_a_seed(trained, tmp_path):
     fs, records, split, out, summary = trained
     cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=600, iiae_eval_every=100,
-                      peer=False, adapter_dim=32, latent_dim=16)
+                      peer=False, rerank="none", adapter_dim=32, latent_dim=16)
     again = train_all(fs, records, split, cfg, tmp_path)
     assert again["model_sha256"] != ""
     assert again["iiae"]["selected_step"] == summary["iiae"]["selected_step"]
@@ -130,7 +166,7 @@ def test_held_out_styles_are_never_read_by_training(trained, tmp_path):
     noisy = FeatureSet(fs.feats.copy(), fs.record, fs.view, fs.meta)
     noisy.feats[heldout] = np.random.default_rng(1).normal(size=(heldout.sum(), fs.feats.shape[1]))
     cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=100, iiae_eval_every=50,
-                      peer=False, adapter_dim=32, latent_dim=16)
+                      peer=False, rerank="none", adapter_dim=32, latent_dim=16)
     a = train_all(fs, records, split, cfg, tmp_path / "a")
     b = train_all(noisy, records, split, cfg, tmp_path / "b")
     assert a["model_sha256"] == b["model_sha256"]
@@ -160,7 +196,7 @@ def test_evaluation_on_validation_classes_needs_a_model_that_never_saw_them(trai
     with pytest.raises(ValueError, match="--no-refit"):
         evaluate_runs(tmp_path, records, fs, [out], tmp_path, figures=False, on="val")
     cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=100, iiae_eval_every=50,
-                      peer=False, adapter_dim=32, latent_dim=16, refit=False)
+                      peer=False, rerank="none", adapter_dim=32, latent_dim=16, refit=False)
     train_all(fs, records, split, cfg, tmp_path / "sel")
     report = evaluate_runs(tmp_path, records, fs, [tmp_path / "sel"], tmp_path, figures=False, on="val")
     tasks = report["runs"][0]["tasks"]
