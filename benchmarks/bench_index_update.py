@@ -44,14 +44,19 @@ def seed_embeddings(photos: Path, root: Path, ckpt: Path) -> int:
 
     coll = load_collection(photos)
     hashes, _ = hash_photos(coll.records, coll.root, progress=False)
-    dim = int(json.loads((ckpt / "config.json").read_text())["dim"])
+    config = json.loads((ckpt / "config.json").read_text())
+    dim = int(config["dim"])
+    search_dim = int(config.get("search_dim") or dim)  # rows are [zs | v] where the model re-ranks
     cache = EmbeddingCache(root / WORK_DIR / checkpoint_sha256(ckpt)[:16] / "chunks", dim)
     shas = sorted(set(hashes.values()))
     rng = np.random.default_rng(0)
     for start in range(0, len(shas), 50_000):
         part = shas[start : start + 50_000]
         v = rng.standard_normal((len(part), dim)).astype(np.float32)
-        cache.write_chunk(part, v / np.linalg.norm(v, axis=1, keepdims=True), [])
+        for cols in (slice(0, search_dim), slice(search_dim, dim)):  # each part a unit vector
+            if cols.stop > cols.start:
+                v[:, cols] /= np.linalg.norm(v[:, cols], axis=1, keepdims=True)
+        cache.write_chunk(part, v, [])
     return len(shas)
 
 
