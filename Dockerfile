@@ -77,7 +77,10 @@ VOLUME ["/data"]
 # OMP_WAIT_POLICY: OpenMP workers that spin collapse the CPU encoder on a shared host (measured in
 # docs/BENCHMARKS.md: an index job 2.5 -> 10.6 photos/s); `sbir serve` sets it by itself, this
 # covers the index jobs too. -e OMP_WAIT_POLICY=ACTIVE to undo.
+# SBIR_CACHE_DIR: the int8 backbone graph is quantized once (about 10 s) and kept here, on the volume,
+# so a restarted container does not quantize it again (model/quantize.py).
 ENV SBIR_SNAPSHOT_ROOT=/data/index \
+    SBIR_CACHE_DIR=/data/cache \
     SBIR_HOST=0.0.0.0 \
     SBIR_PORT=8000 \
     OMP_WAIT_POLICY=PASSIVE
