@@ -306,8 +306,11 @@ def _cmd_info(args) -> int:
             f"snapshot {snap.id}{' (CURRENT)' if snap.id == current else ''}, created {m.get('created', '?')}"
         )
         shards = f" in {snap.shards} shards" if snap.shards > 1 else ""
+        rr = snap.rerank
+        dims = (f"{snap.search_dim}-d searched + {rr.dim}-d re-ranking the top {rr.top} ({rr.vector})"
+                if rr is not None else f"{snap.dim}-d")
         print(
-            f"  {snap.count} photos, {snap.dim}-d, index {ix['factory']}{shards} {ix.get('search_params') or 'exact'}, "
+            f"  {snap.count} photos, {dims}, index {ix['factory']}{shards} {ix.get('search_params') or 'exact'}, "
             f"recall@{recall.get('k', '?')} {recall.get('recall', float('nan')):.3f}, "
             f"{ix.get('bytes_per_vector', '?')} bytes/vector"
         )
