@@ -5,7 +5,7 @@ checkpoint; the tests draw with real pointer events, wait for the results, use u
 the eraser, upload files, and see errors shown plainly. Screenshots go to $SBIR_TEST_ARTIFACTS
 (default tests/artifacts/).
 
-chromium must be installed (`apt-get install chromium`; .ci/run does it): without it these tests
+chromium must be installed (`make test` installs it when it can: .ci/ensure-chromium): without it these tests
 fail, unless SBIR_SKIP_BROWSER=1 says to skip them. `SBIR_UPDATE_SCREENSHOT=1` also regenerates
 docs/img/page.png from the demo index (runs/demo/index, or $SBIR_SCREENSHOT_INDEX).
 """
@@ -111,7 +111,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"chromium is not installed at {CHROMIUM}: the drawing page's tests need it "
-            "(`apt-get install -y --no-install-recommends chromium`, as .ci/run does; "
+            "(`apt-get install -y --no-install-recommends chromium`, as `make test` does as root; "
             "or set SBIR_SKIP_BROWSER=1 to skip them explicitly)",
             pytrace=False,
         )
