@@ -21,6 +21,11 @@ class ErrorBody(BaseModel):
 class SearchResult(BaseModel):
     rank: int = Field(description="1 for the best match")
     id: int = Field(description="photo id in this snapshot")
+    key: str = Field(
+        description="which photo this is: its path relative to the collection root (or the manifest's id, "
+        "where the collection's manifest gives ids)",
+        examples=["animals/cat/0001.jpg"],
+    )
     score: float = Field(description="cosine similarity of sketch and photo embeddings (higher is closer)")
     url: str = Field(description="where to fetch the photo (GET /photos/{id})")
     metadata: dict[str, Any] = Field(description="what the index builder stored with the photo")

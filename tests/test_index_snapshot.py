@@ -83,6 +83,7 @@ def test_metadata_round_trip_through_lookup(tmp_path, ckpt):
         assert got[1] is None and got[2] is None
         assert got[0] == {
             "id": int(ids[3]),
+            "key": "dir/photo 3.jpg",
             "path": "/photos/dir/photo 3.jpg",
             "sha256": f"{3:064x}",
             "metadata": {"caption": "photo nº3", "tags": ["a", 3], "nested": {"w": 30}},

@@ -107,6 +107,8 @@ def test_multipart_png_search_ranks_photos_like_the_model_and_index_do(served, p
     assert [x["id"] for x in results] == ref_ids[0].tolist()
     np.testing.assert_allclose(scores, ref_scores[0], atol=1e-4)
     assert [x["metadata"] for x in results] == [rec["metadata"] for rec in records]
+    assert [x["key"] for x in results] == [rec["key"] for rec in records]
+    assert all((root.parent / "photos_0" / x["key"]).is_file() for x in results)  # relative to the collection
     assert all(x["url"] == f"http://testserver/photos/{x['id']}" for x in results)
 
 

@@ -257,6 +257,10 @@ def test_draw_search_undo_redo_clear_and_k(probe, live):
     assert page.get_attribute("#grid a", "href").startswith("photos/")
     scores = [float(s) for s in page.locator("#grid .score").all_text_contents()]
     assert scores == sorted(scores, reverse=True)
+    # a folder collection stores no metadata: each tile is named by its photo's key (path in the folder)
+    names = page.locator("#grid .name").all_text_contents()
+    assert len(names) == DEFAULT_K and all(re.fullmatch(r"photo_\d+_\d{3}\.(png|jpg)", n) for n in names), names
+    assert page.get_attribute("#grid a", "title").splitlines()[1] == names[0]
     two = canvas_png(page)
     ink_two = ink(page)
     # each finished stroke is searched once the drawing rests (debounced), never mid-stroke

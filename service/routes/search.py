@@ -173,6 +173,7 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
             {
                 "rank": len(results) + 1,
                 "id": photo_id,
+                "key": record["key"],
                 "score": round(score, 6),
                 "url": f"{base}photos/{photo_id}",
                 "metadata": record.get("metadata") or {},

@@ -500,11 +500,11 @@
     try { return new URL(result.url, location.href).pathname.split("/").pop(); } catch { return String(result.id); }
   }
 
-  function label(md, rank) {
-    for (const key of ["name", "label", "title", "class", "category"]) {
-      if (typeof md[key] === "string" && md[key].trim()) return md[key];
+  function label(md, rank, key) {
+    for (const field of ["name", "label", "title", "class", "category"]) {
+      if (typeof md[field] === "string" && md[field].trim()) return md[field];
     }
-    return `Photo ${rank}`;
+    return key || `Photo ${rank}`;
   }
 
   function tile(result) {
@@ -518,8 +518,9 @@
     a.href = `photos/${id}`;
     a.target = "_blank";
     a.rel = "noopener";
-    const name = label(md, result.rank);
-    a.title = [`#${result.rank} · score ${Number(result.score).toFixed(3)}`,
+    const key = typeof result.key === "string" ? result.key : "";
+    const name = label(md, result.rank, key);
+    a.title = [`#${result.rank} · score ${Number(result.score).toFixed(3)}`, ...(key ? [key] : []),
       ...Object.entries(md).map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`)].join("\n");
     const img = document.createElement("img");
     img.src = `photos/${id}?size=${size}`;
@@ -535,6 +536,10 @@
     const nm = document.createElement("span");
     nm.className = "name";
     nm.textContent = name;
+    const path = document.createElement("span");  // which photo: its key, unless the name is the key
+    path.className = "photo-key";
+    path.textContent = key;
+    path.hidden = !key || key === name;
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = Number(result.score).toFixed(3);
@@ -542,7 +547,7 @@
     const meta = document.createElement("span");
     meta.className = "meta";
     meta.append(rank, score);
-    cap.append(nm, meta);
+    cap.append(nm, path, meta);
     a.append(img, cap);
     li.append(a);
     return li;
