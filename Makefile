@@ -44,6 +44,8 @@ browser:
 test: browser lint
 	$(BIN)/pytest
 
+# The long suites: SIGKILL and full-disk faults at every index-build stage, a 60 s reload storm under
+# load, a longer API fuzz (tests marked slow; tests/test_make.py checks there are some).
 test-slow: $(VENV)/.installed
 	$(BIN)/pytest -m slow
 

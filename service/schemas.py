@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -19,6 +19,8 @@ class ErrorBody(BaseModel):
 
 
 class SearchResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # /search builds its answer from these: a stray field fails
+
     rank: int = Field(description="1 for the best match")
     id: int = Field(description="photo id in this snapshot")
     key: str = Field(
@@ -32,6 +34,8 @@ class SearchResult(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     results: list[SearchResult]
     snapshot: str = Field(description="id of the snapshot that answered")
     model: str = Field(description="sha256 of the model checkpoint that encoded the sketch")

@@ -1,15 +1,18 @@
-"""`make test`'s chromium step (.ci/ensure-chromium) with stand-in `id` and `apt-get` on PATH."""
+"""The Makefile's test targets: `make test`'s chromium step (.ci/ensure-chromium, with stand-in `id`
+and `apt-get` on PATH), and `make test-slow` having tests to run."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "ensure-chromium"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "ensure-chromium"
 
 
 def _stub(bin_dir: Path, name: str, body: str) -> None:
@@ -66,3 +69,12 @@ def test_otherwise_stops_with_the_command_to_run(tmp_path, uid, apt):
 def test_skip_browser_needs_no_chromium(tmp_path):
     proc, calls = _run(tmp_path, uid=1000, apt=False, chromium=tmp_path / "chromium", skip=True)
     assert proc.returncode == 0 and calls == []
+
+
+def test_make_test_slow_runs_real_tests():
+    """`make test-slow` is `pytest -m slow`: it must select tests (pytest exits 5 when none are)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "slow", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    selected = [line for line in proc.stdout.splitlines() if line.startswith("tests/")]
+    assert len(selected) >= 5, proc.stdout[-2000:]
