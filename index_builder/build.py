@@ -26,12 +26,11 @@ from index_builder.embed import (
     DecodeItem,
     EmbeddingCache,
     EmbedStats,
-    default_workers,
+    default_decode_workers,
     embed_into_cache,
     hash_photos,
     load_photo_encoder,
 )
-from index_builder.fsutil import write_text_atomic
 from index_builder.ray_build import RayCluster, build_shards_on_ray, embed_on_ray
 from index_builder.snapshot import (
     IDS_FILE,
@@ -44,7 +43,8 @@ from index_builder.snapshot import (
     read_current,
     read_photo_store,
 )
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
+from sbir_ground.files import write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class BuildOptions:
     keep: int = 3
     device: str = "auto"
     batch_size: int | None = None  # None: 32 on the CPU, 256 on a GPU
-    workers: int | None = None  # decode processes; None: default_workers()
+    workers: int | None = None  # decode processes; None: default_decode_workers()
     threads: int | None = None  # encoder threads on the CPU; None: torch's default (all cores)
     # fp32, int8 or auto (None: $SBIR_CPU_PRECISION, else auto): auto is int8 on a CPU with VNNI for a
     # calibrated backbone (model.backbones.cpu_precision_for); an update follows its snapshot's
@@ -282,7 +282,7 @@ def _job(
                 raise UserError(
                     f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors"
                 )
-            workers = default_workers() if opt.workers is None else opt.workers
+            workers = default_decode_workers() if opt.workers is None else opt.workers
             batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
 
             def run(items, first: bool):
@@ -660,7 +660,7 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
     import faiss
     import torch
 
-    from sbir import __version__
+    from sbir_ground import __version__
 
     backbone = config.get("backbone", {})
     return {

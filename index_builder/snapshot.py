@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.fsutil import fsync_dir, fsync_tree, sha256_file, write_text_atomic
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
+from sbir_ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from model.defaults import DEFAULT_BACKBONE
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
+from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 
@@ -236,8 +237,6 @@ def cmd_features(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import hashlib
-
     from model.backbones import get_spec
     from model.quantize import CalibrationRecipe, calibrate_dataset, calibration_file
 
@@ -247,7 +246,7 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"backbone {args.backbone} names no calibration file: give --out")
     recipe = CalibrationRecipe(
         dataset=args.dataset.resolve().name, split=args.split, seed=args.seed, per_domain=args.per_domain,
-        method=args.method, manifest_sha256=hashlib.sha256((args.dataset / "manifest.csv").read_bytes()).hexdigest(),
+        method=args.method, manifest_sha256=sha256_file(args.dataset / "manifest.csv"),
     )
     data = calibrate_dataset(args.dataset, args.backbone, recipe, out)
     print(f"calibration: {len(data['images'])} images, {len(data['ranges']['data'])} tensor ranges in {out}")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -184,18 +184,20 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
 def _gallery_manifest(data: Path, records, path: Path) -> Path:
     """The colour emoji as a photo manifest (paths relative to the dataset + metadata) for the index builder."""
     import csv
+    import io
+
+    from sbir_ground.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
-        for r in records:
-            if r.domain != "photo" or r.heldout:
-                continue
-            w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
-                        r.category, r.meta.get("group", ""), r.artist])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
+    for r in records:
+        if r.domain != "photo" or r.heldout:
+            continue
+        w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
+                    r.category, r.meta.get("group", ""), r.artist])
+    write_text_atomic(path, text.getvalue())
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 from service.metrics import ServiceMetrics
 from service.serving_types import ServedModel, ServedSnapshot
 
