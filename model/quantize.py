@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbir_ground.files import write_bytes_atomic
+from sbir_ground.files import write_bytes_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -258,5 +258,5 @@ def calibrate(fp32_onnx: bytes, pixels: Sequence[np.ndarray], recipe: Calibratio
         "ranges": ranges,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
