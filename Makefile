@@ -7,7 +7,7 @@ DATA ?= data/emoji
 RUNS ?= runs/emoji
 SEEDS ?= 0 1 2
 
-.PHONY: demo test test-slow lint bench-accuracy bench-features check-drawings clean-venv docker-smoke
+.PHONY: demo test test-slow lint browser bench-accuracy bench-features check-drawings clean-venv docker-smoke
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -36,9 +36,16 @@ demo: $(VENV)/.installed-demo
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-test: lint
+# The browser tests need Debian's chromium: installed here when missing and possible (root and
+# apt-get), else make stops first with the command to run (.ci/ensure-chromium).
+browser:
+	bash .ci/ensure-chromium
+
+test: browser lint
 	$(BIN)/pytest
 
+# The long suites: SIGKILL and full-disk faults at every index-build stage, a 60 s reload storm under
+# load, a longer API fuzz (tests marked slow; tests/test_make.py checks there are some).
 test-slow: $(VENV)/.installed
 	$(BIN)/pytest -m slow
 

@@ -26,12 +26,11 @@ from index_builder.embed import (
     DecodeItem,
     EmbeddingCache,
     EmbedStats,
-    default_workers,
+    default_decode_workers,
     embed_into_cache,
     hash_photos,
     load_photo_encoder,
 )
-from index_builder.fsutil import write_text_atomic
 from index_builder.ray_build import RayCluster, build_shards_on_ray, embed_on_ray
 from index_builder.snapshot import (
     IDS_FILE,
@@ -44,7 +43,8 @@ from index_builder.snapshot import (
     read_current,
     read_photo_store,
 )
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
+from sbir_ground.files import write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class BuildOptions:
     keep: int = 3
     device: str = "auto"
     batch_size: int | None = None  # None: 32 on the CPU, 256 on a GPU
-    workers: int | None = None  # decode processes; None: default_workers()
+    workers: int | None = None  # decode processes; None: default_decode_workers()
     threads: int | None = None  # encoder threads on the CPU; None: torch's default (all cores)
     # fp32, int8 or auto (None: $SBIR_CPU_PRECISION, else auto): auto is int8 on a CPU with VNNI for a
     # calibrated backbone (model.backbones.cpu_precision_for); an update follows its snapshot's
@@ -178,7 +178,7 @@ def _run(photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mo
         writer.clean_leftovers()
         previous = _open_previous(root, mode, model_src is not None)
         try:
-            return _job(photos, root, model_src, opt, mode, writer, previous, cluster if opt.ray else None)
+            return _Job(photos, root, model_src, opt, mode, writer, previous, cluster if opt.ray else None).run()
         finally:
             if previous is not None:
                 previous.close()
@@ -203,251 +203,292 @@ class _Reuse:
         )
 
 
-def _job(
-    photos, root, model_src, opt: BuildOptions, mode: str, writer: SnapshotWriter, previous, cluster
-) -> BuildResult:
-    from model.pipeline import checkpoint_sha256
+class _Job:
+    """One build, update or rebuild, as named steps over what they share (`run` calls them in order).
 
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    if model_src is None:
-        assert previous is not None, "an update without --model uses the current snapshot's model"
-        model_src = previous.model_dir
-    if not all((model_src / name).is_file() for name in MODEL_FILES):
-        raise UserError(f"{model_src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
-    model_sha = checkpoint_sha256(model_src)
-    if previous is not None and mode == "update" and model_sha != previous.model_sha256:
-        raise UserError(
-            f"{root}: snapshot {previous.id} was built with model {previous.model_sha256[:12]}, "
-            f"--model is {model_sha[:12]}; pass --rebuild to re-embed every photo with the new model"
-        )
-    collection = load_collection(
-        photos, photo_root=opt.photo_root, path_column=opt.path_column, id_column=opt.id_column
-    )
-    if not collection.records:
-        report = {
-            "mode": mode,
-            "source": collection.describe(),
-            "skipped": [s.to_dict() for s in collection.skipped],
-        }
-        raise EmptyCollectionError(
-            f"{photos}: no image files found ({len(collection.skipped)} skipped)", report
-        )
+    `mode` is read once: `reuses` says whether the previous snapshot's vectors and rows are reused and
+    its model and precision kept (an update); a rebuild only replaces it, a build has none.
+    """
 
-    config = json.loads((model_src / MODEL_FILES[0]).read_text(encoding="utf-8"))
-    precision = _precision(config, opt, previous if mode == "update" else None)
-    job_dir = job_dir_of(root, model_sha, precision)
-    staged = _stage_model(model_src, job_dir, model_sha)
-    config = json.loads((staged / MODEL_FILES[0]).read_text(encoding="utf-8"))
+    def __init__(self, photos: Path, root: Path, model_src: Path | None, opt: BuildOptions, mode: str,
+                 writer: SnapshotWriter, previous: Snapshot | None, cluster):
+        self.photos, self.root, self.opt, self.mode = photos, root, opt, mode
+        self.writer, self.previous, self.cluster = writer, previous, cluster
+        self.reuses = previous is not None and mode == "update"
+        if model_src is None:
+            assert previous is not None, "an update without --model uses the current snapshot's model"
+            model_src = previous.model_dir
+        self.model_src: Path = model_src
+        self.t_start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.model = None  # the photo encoder, loaded when first needed
 
-    t = time.perf_counter()
-    hashes, unreadable = hash_photos(collection.records, collection.root, progress=opt.progress)
-    timings["hash_s"] = time.perf_counter() - t
+    def run(self) -> BuildResult:
+        self.check_model()
+        self.list_photos()
+        self.stage_model()
+        self.hash_contents()
+        self.embed(self.plan_embeddings())
+        report = self.assemble()
+        if self.reuses and _unchanged(self.previous, self.reuse.rows, self.rows, self.opt):
+            LOG.info("nothing changed: snapshot %s is up to date", self.previous.id)
+            shutil.rmtree(self.job_dir, ignore_errors=True)
+            report["timings"] = _rounded(self.timings, self.t_start)
+            return BuildResult(self.previous.id, False, {**report, "snapshot": self.previous.id})
+        self.build_index()
+        return self.publish(report)
 
-    model = None
-    dim = int(config.get("dim") or 0)
-    if not dim:  # older checkpoints do not record their dimension
-        model = _load_model(staged, opt, precision)
-        dim = model.dim
-    if opt.index != "auto":
-        _plan(1, int(config.get("search_dim") or dim), opt)  # refuse a bad factory before embedding
-    cache = EmbeddingCache(job_dir / "chunks", dim)
-    before = set(cache.row) | set(cache.failures)
-    reuse = _Reuse.of(previous) if previous is not None and mode == "update" else _Reuse()
-    todo, seen = [], set()
-    for rec in collection.records:
-        sha = hashes.get(rec.id)
-        if sha is None or sha in seen or sha in reuse.row_of_sha or sha in cache:
-            continue
-        seen.add(sha)
-        todo.append(DecodeItem(sha, str(rec.path)))
-    LOG.info(
-        "%d photos: %d to embed, %d in checkpoints, %d in the previous snapshot",
-        len(collection.records),
-        len(todo),
-        len(before),
-        len(reuse.row_of_sha),
-    )
-    t = time.perf_counter()
-    stats, embedding = EmbedStats(), {}
-    if todo:
-        if cluster is not None:
+    def _timed(self, name: str, t: float) -> None:
+        self.timings[name] = time.perf_counter() - t
 
-            def run(items, first: bool):
-                return _embed_on_ray(cluster, items, collection, staged, model_sha, cache, opt, precision)
+    # --- steps ------------------------------------------------------------------------------------
+    def check_model(self) -> None:
+        """The checkpoint is complete; an update keeps its snapshot's model."""
+        from model.pipeline import checkpoint_sha256
 
-        else:
-            model = model or _load_model(staged, opt, precision)
-            if model.dim != dim:
-                raise UserError(
-                    f"{model_src}: config.json says dim {dim}, the model makes {model.dim}-d vectors"
-                )
-            workers = default_workers() if opt.workers is None else opt.workers
-            batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
-
-            def run(items, first: bool):
-                done = embed_into_cache(
-                    model,
-                    items,
-                    collection.root,
-                    cache,
-                    batch_size=batch,
-                    workers=workers if first else 0,
-                    chunk_size=opt.chunk_size,
-                    progress=opt.progress and first,
-                )
-                return done, {
-                    "workers": workers,
-                    "batch_size": batch,
-                    "device": str(model.device),
-                    "precision": model.precision,
-                    "runtime": model.backbone.runtime(),
-                    "threads": _threads(),
-                    "photos_per_s": round(done.photos_per_second, 2),
-                    "forward_photos_per_s": round(done.forward_photos_per_second, 2),
-                    "forward_s": round(done.forward_seconds, 3),
-                }
-
-        stats, embedding = run(todo, True)
-        # a file that changed after hashing was embedded under its new hash; a photo that shared its
-        # old content (a copy) was not embedded at all: a second pass picks such photos up
-        if stats.changed_while_running:
-            again = _unresolved(collection, hashes, stats, cache, reuse)
-            LOG.info(
-                "%d file(s) changed while embedding; embedding %d photo(s) again",
-                len(stats.changed_while_running),
-                len(again),
+        src, previous = self.model_src, self.previous
+        if not all((src / name).is_file() for name in MODEL_FILES):
+            raise UserError(f"{src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
+        self.model_sha = checkpoint_sha256(src)
+        if self.reuses and self.model_sha != previous.model_sha256:
+            raise UserError(
+                f"{self.root}: snapshot {previous.id} was built with model {previous.model_sha256[:12]}, "
+                f"--model is {self.model_sha[:12]}; pass --rebuild to re-embed every photo with the new model"
             )
-            stats.merge(run(again, False)[0])
-    timings["embed_s"] = time.perf_counter() - t
 
-    ids, vectors, rows, skipped, sources = _assemble(
-        collection, hashes, unreadable, cache, stats, reuse, before, dim
-    )
-    counts = {
-        "listed": len(collection.records) + len(collection.skipped),
-        "indexed": len(ids),
-        "skipped": len(skipped),
-        "embedded": stats.embedded,
-        "from_checkpoint": sources["checkpoint"],
-        "from_previous": sources["previous"],
-    }
-    if previous is not None and mode == "update":
-        counts.update(_diff_counts(reuse.rows, rows))
-    report = {
-        "mode": mode,
-        "source": collection.describe(),
-        "counts": counts,
-        "skipped_by_reason": dict(Counter(s.reason for s in skipped)),
-        "skipped": [s.to_dict() for s in skipped],
-        "embedding": embedding,
-    }
-    if not len(ids):
-        reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
-        raise EmptyCollectionError(f"{photos}: no usable image ({len(skipped)} skipped: {reasons})", report)
-    if previous is not None and mode == "update" and _unchanged(previous, reuse.rows, rows, opt):
-        LOG.info("nothing changed: snapshot %s is up to date", previous.id)
-        shutil.rmtree(job_dir, ignore_errors=True)
-        report["timings"] = _rounded(timings, t_start)
-        return BuildResult(previous.id, False, {**report, "snapshot": previous.id})
-
-    t = time.perf_counter()
-    # the index holds the searched part of each row (IIAE's zs); a re-ranking part stays in vectors.npy
-    search_dim = int(config.get("search_dim") or dim)
-    searched = np.ascontiguousarray(vectors[:, :search_dim])
-    n_shards, shard_reason, plan = shard_plan(ids, search_dim, opt)
-    index = build_sharded_index(searched, ids, plan.factory, n_shards, opt.threads, cluster)
-    timings["index_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    recall = faiss_index.tune_and_measure(index, searched, ids, target=opt.recall_target)
-    timings["recall_s"] = time.perf_counter() - t
-    if recall.recall < opt.recall_target:
-        LOG.warning(
-            "recall@%d %.3f is below the target %.2f with %s",
-            recall.k,
-            recall.recall,
-            opt.recall_target,
-            plan.factory,
+    def list_photos(self) -> None:
+        opt = self.opt
+        self.collection = load_collection(
+            self.photos, photo_root=opt.photo_root, path_column=opt.path_column, id_column=opt.id_column
         )
+        if not self.collection.records:
+            report = {
+                "mode": self.mode,
+                "source": self.collection.describe(),
+                "skipped": [s.to_dict() for s in self.collection.skipped],
+            }
+            raise EmptyCollectionError(
+                f"{self.photos}: no image files found ({len(self.collection.skipped)} skipped)", report
+            )
 
-    t = time.perf_counter()
-    manifest = _manifest(
-        config,
-        model_sha,
-        dim,
-        plan,
-        recall,
-        opt,
-        collection,
-        previous,
-        len(ids),
-        mode,
-        embedding.get("device"),
-        precision,
-    )
-    manifest["index"]["shards"] = {
-        "count": n_shards,
-        "sizes": [int(p.ntotal) for p in faiss_index.shard_parts(index)],
-        "requested": opt.shards or "auto",
-        "reason": shard_reason,
-        "shard_memory": opt.shard_memory,
-    }
-    if cluster is not None:
-        manifest["build"]["ray"] = {
-            k: embedding[k] for k in ("address", "actors", "device") if k in embedding
+    def stage_model(self) -> None:
+        """The job's precision and work folder, and its private copy of the checkpoint."""
+        config = json.loads((self.model_src / MODEL_FILES[0]).read_text(encoding="utf-8"))
+        self.precision = _precision(config, self.opt, self.previous if self.reuses else None)
+        self.job_dir = job_dir_of(self.root, self.model_sha, self.precision)
+        self.staged = _stage_model(self.model_src, self.job_dir, self.model_sha)
+        self.config = json.loads((self.staged / MODEL_FILES[0]).read_text(encoding="utf-8"))
+
+    def hash_contents(self) -> None:
+        t = time.perf_counter()
+        self.hashes, self.unreadable = hash_photos(
+            self.collection.records, self.collection.root, progress=self.opt.progress
+        )
+        self._timed("hash_s", t)
+
+    def plan_embeddings(self) -> list[DecodeItem]:
+        """The photos whose content has no vector yet: not in the checkpoints, nor in the snapshot reused."""
+        self.dim = int(self.config.get("dim") or 0)
+        if not self.dim:  # older checkpoints do not record their dimension
+            self.dim = self.encoder().dim
+        # a row is [zs | re-ranking vector] where the model re-ranks (model/rerank.py): the index holds
+        # the first search_dim columns, vectors.npy whole rows
+        self.search_dim = int(self.config.get("search_dim") or self.dim)
+        if self.opt.index != "auto":
+            _plan(1, self.search_dim, self.opt)  # refuse a bad factory string before spending time on embeddings
+        self.cache = EmbeddingCache(self.job_dir / "chunks", self.dim)
+        self.before = set(self.cache.row) | set(self.cache.failures)
+        self.reuse = _Reuse.of(self.previous) if self.reuses else _Reuse()
+        todo, seen = [], set()
+        for rec in self.collection.records:
+            sha = self.hashes.get(rec.id)
+            if sha is None or sha in seen or sha in self.reuse.row_of_sha or sha in self.cache:
+                continue
+            seen.add(sha)
+            todo.append(DecodeItem(sha, str(rec.path)))
+        LOG.info(
+            "%d photos: %d to embed, %d in checkpoints, %d in the previous snapshot",
+            len(self.collection.records),
+            len(todo),
+            len(self.before),
+            len(self.reuse.row_of_sha),
+        )
+        return todo
+
+    def embed(self, todo: list[DecodeItem]) -> None:
+        t = time.perf_counter()
+        self.stats, self.embedding = EmbedStats(), {}
+        if todo:
+            run = self._embed_on_ray if self.cluster is not None else self._embed_here
+            self.stats, self.embedding = run(todo, True)
+            # a file that changed after hashing was embedded under its new hash; a photo that shared its
+            # old content (a copy) was not embedded at all: a second pass picks such photos up
+            if self.stats.changed_while_running:
+                again = _unresolved(self.collection, self.hashes, self.stats, self.cache, self.reuse)
+                LOG.info(
+                    "%d file(s) changed while embedding; embedding %d photo(s) again",
+                    len(self.stats.changed_while_running),
+                    len(again),
+                )
+                self.stats.merge(run(again, False)[0])
+        self._timed("embed_s", t)
+
+    def assemble(self) -> dict:
+        """Vectors and photo-store rows of every indexable photo, and the job's report so far."""
+        self.ids, self.vectors, self.rows, self.skipped, sources = _assemble(
+            self.collection, self.hashes, self.unreadable, self.cache, self.stats, self.reuse, self.before,
+            self.dim,
+        )  # fmt: skip
+        counts = {
+            "listed": len(self.collection.records) + len(self.collection.skipped),
+            "indexed": len(self.ids),
+            "skipped": len(self.skipped),
+            "embedded": self.stats.embedded,
+            "from_checkpoint": sources["checkpoint"],
+            "from_previous": sources["previous"],
         }
-    manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)  # up to writing the snapshot
-    report["index"] = manifest["index"]
-    snap_id = writer.write(
-        index=index,
-        ids=ids,
-        vectors=vectors,
-        photo_rows=rows,
-        model_dir=staged,
-        manifest=manifest,
-        report=report,
-    )
-    writer.publish(snap_id)
-    timings["write_s"] = time.perf_counter() - t
-    pruned = writer.prune(opt.keep)
-    shutil.rmtree(job_dir, ignore_errors=True)  # its content now lives in the snapshot
-    report.update(timings=_rounded(timings, t_start), snapshot=snap_id, pruned=pruned)
-    LOG.info(
-        "snapshot %s: %d photos indexed (%d embedded now), %d skipped, %s, recall@%d %.3f, %.1fs",
-        snap_id,
-        len(ids),
-        stats.embedded,
-        len(skipped),
-        plan.factory,
-        recall.k,
-        recall.recall,
-        report["timings"]["total_s"],
-    )
-    return BuildResult(snap_id, True, report)
+        if self.reuses:
+            counts.update(_diff_counts(self.reuse.rows, self.rows))
+        reasons = Counter(s.reason for s in self.skipped)
+        report = {
+            "mode": self.mode,
+            "source": self.collection.describe(),
+            "counts": counts,
+            "skipped_by_reason": dict(reasons),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "embedding": self.embedding,
+        }
+        if not len(self.ids):
+            said = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            raise EmptyCollectionError(
+                f"{self.photos}: no usable image ({len(self.skipped)} skipped: {said})", report
+            )
+        return report
 
+    def build_index(self) -> None:
+        opt = self.opt
+        t = time.perf_counter()
+        searched = np.ascontiguousarray(self.vectors[:, : self.search_dim])
+        self.n_shards, self.shard_reason, self.plan = shard_plan(self.ids, self.search_dim, opt)
+        self.index = build_sharded_index(searched, self.ids, self.plan.factory, self.n_shards, opt.threads, self.cluster)
+        self._timed("index_s", t)
+        t = time.perf_counter()
+        self.recall = faiss_index.tune_and_measure(self.index, searched, self.ids, target=opt.recall_target)
+        self._timed("recall_s", t)
+        if self.recall.recall < opt.recall_target:
+            LOG.warning(
+                "recall@%d %.3f is below the target %.2f with %s",
+                self.recall.k,
+                self.recall.recall,
+                opt.recall_target,
+                self.plan.factory,
+            )
 
-def _embed_on_ray(cluster, todo, collection, staged, model_sha, cache, opt: BuildOptions, precision: str):
-    stats, info = embed_on_ray(
-        cluster,
-        todo,
-        collection.root,
-        staged,
-        model_sha,
-        cache,
-        model_files=MODEL_FILES,
-        device=opt.device,
-        precision=precision,
-        actors=opt.ray_actors,
-        actor_cpus=opt.ray_actor_cpus,
-        batch_size=opt.batch_size,
-        chunk_size=opt.chunk_size,
-    )
-    info.update(
-        photos_per_s=round(stats.photos_per_second, 2),
-        forward_photos_per_s=round(stats.forward_photos_per_second, 2),
-        forward_s=round(stats.forward_seconds, 3),
-    )
-    return stats, info
+    def publish(self, report: dict) -> BuildResult:
+        """Write the snapshot aside, switch CURRENT to it, prune old ones, drop the work folder."""
+        opt = self.opt
+        t = time.perf_counter()
+        manifest = _manifest(
+            self.config, self.model_sha, self.dim, self.plan, self.recall, opt, self.collection, self.previous,
+            len(self.ids), self.mode, self.embedding.get("device"), self.precision,
+        )  # fmt: skip
+        manifest["index"]["shards"] = {
+            "count": self.n_shards,
+            "sizes": [int(p.ntotal) for p in faiss_index.shard_parts(self.index)],
+            "requested": opt.shards or "auto",
+            "reason": self.shard_reason,
+            "shard_memory": opt.shard_memory,
+        }
+        if self.cluster is not None:
+            manifest["build"]["ray"] = {
+                k: self.embedding[k] for k in ("address", "actors", "device") if k in self.embedding
+            }
+        manifest["build"]["seconds"] = round(time.perf_counter() - self.t_start, 3)  # up to writing the snapshot
+        report["index"] = manifest["index"]
+        snap_id = self.writer.write(
+            index=self.index,
+            ids=self.ids,
+            vectors=self.vectors,
+            photo_rows=self.rows,
+            model_dir=self.staged,
+            manifest=manifest,
+            report=report,
+        )
+        self.writer.publish(snap_id)
+        self._timed("write_s", t)
+        pruned = self.writer.prune(opt.keep)
+        shutil.rmtree(self.job_dir, ignore_errors=True)  # its content now lives in the snapshot
+        report.update(timings=_rounded(self.timings, self.t_start), snapshot=snap_id, pruned=pruned)
+        LOG.info(
+            "snapshot %s: %d photos indexed (%d embedded now), %d skipped, %s, recall@%d %.3f, %.1fs",
+            snap_id,
+            len(self.ids),
+            self.stats.embedded,
+            len(self.skipped),
+            self.plan.factory,
+            self.recall.k,
+            self.recall.recall,
+            report["timings"]["total_s"],
+        )
+        return BuildResult(snap_id, True, report)
+
+    # --- embedding, here or on a Ray cluster ------------------------------------------------------
+    def encoder(self):
+        if self.model is None:
+            self.model = _load_model(self.staged, self.opt, self.precision)
+        return self.model
+
+    def _embed_here(self, items: list[DecodeItem], first: bool) -> tuple[EmbedStats, dict]:
+        opt, model = self.opt, self.encoder()
+        if model.dim != self.dim:
+            raise UserError(f"{self.model_src}: config.json says dim {self.dim}, the model makes {model.dim}-d vectors")
+        workers = default_decode_workers() if opt.workers is None else opt.workers
+        batch = opt.batch_size or (256 if model.device.type == "cuda" else 32)
+        done = embed_into_cache(
+            model,
+            items,
+            self.collection.root,
+            self.cache,
+            batch_size=batch,
+            workers=workers if first else 0,
+            chunk_size=opt.chunk_size,
+            progress=opt.progress and first,
+        )
+        return done, {
+            "workers": workers,
+            "batch_size": batch,
+            "device": str(model.device),
+            "precision": model.precision,
+            "runtime": model.backbone.runtime(),
+            "threads": _threads(),
+            "photos_per_s": round(done.photos_per_second, 2),
+            "forward_photos_per_s": round(done.forward_photos_per_second, 2),
+            "forward_s": round(done.forward_seconds, 3),
+        }
+
+    def _embed_on_ray(self, items: list[DecodeItem], first: bool) -> tuple[EmbedStats, dict]:
+        opt = self.opt
+        stats, info = embed_on_ray(
+            self.cluster,
+            items,
+            self.collection.root,
+            self.staged,
+            self.model_sha,
+            self.cache,
+            model_files=MODEL_FILES,
+            device=opt.device,
+            precision=self.precision,
+            actors=opt.ray_actors,
+            actor_cpus=opt.ray_actor_cpus,
+            batch_size=opt.batch_size,
+            chunk_size=opt.chunk_size,
+        )
+        info.update(
+            photos_per_s=round(stats.photos_per_second, 2),
+            forward_photos_per_s=round(stats.forward_photos_per_second, 2),
+            forward_s=round(stats.forward_seconds, 3),
+        )
+        return stats, info
 
 
 def _open_previous(root: Path, mode: str, model_given: bool) -> Snapshot | None:
@@ -663,7 +704,7 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
     import faiss
     import torch
 
-    from sbir import __version__
+    from sbir_ground import __version__
 
     backbone = config.get("backbone", {})
     return {

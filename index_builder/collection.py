@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.images import IMAGE_SUFFIXES
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
-import os
 import stat
 import time
 import uuid
@@ -22,13 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.collection import PhotoRecord, Skipped
-from index_builder.fsutil import write_atomic
+from sbir_ground.files import sha256_file, usable_cores, write_atomic
 
 LOG = logging.getLogger(__name__)
 
 # Files above this are refused before reading: no photo needs it, and decoding stops at 40 MP anyway.
 MAX_FILE_BYTES = 256 << 20
-READ_BLOCK = 1 << 20
 CHUNK_GLOB = "chunk-*.npz"
 # Failures that belong to the bytes themselves are cached by hash; missing or unreadable files are not.
 CONTENT_FAILURES = frozenset({"empty", "not-an-image", "corrupt", "too-large"})
@@ -50,11 +48,7 @@ def _hash_file(path: Path, root: Path) -> tuple[str | None, Skipped | None]:
             return None, Skipped(key, key, "empty", "zero bytes")
         if st.st_size > MAX_FILE_BYTES:
             return None, Skipped(key, key, "too-large", f"{st.st_size} bytes exceeds {MAX_FILE_BYTES}")
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(READ_BLOCK):
-                h.update(block)
-        return h.hexdigest(), None
+        return sha256_file(path), None
     except FileNotFoundError:
         return None, Skipped(key, key, "missing", "file not found")
     except OSError as exc:
@@ -411,6 +405,7 @@ def load_photo_encoder(ckpt: Path, device: str = "auto", threads: int | None = N
     return model
 
 
-def default_workers() -> int:
-    """Decode processes: one per four cores, at least one (docs/BENCHMARKS.md: one is enough on 2 cores)."""
-    return max(1, (os.cpu_count() or 2) // 4)
+def default_decode_workers() -> int:
+    """Decode processes: one per four usable cores, at least one (docs/BENCHMARKS.md: one is enough on 2
+    cores)."""
+    return max(1, usable_cores() // 4)

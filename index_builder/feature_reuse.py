@@ -8,7 +8,6 @@ seconds instead of minutes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from index_builder.embed import EmbeddingCache
 from model.data.dataset import Record, resolve_path
 from model.features import FeatureSet
 from model.pipeline import SBIRModel, checkpoint_sha256
+from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def seed_cache_from_features(
         (fs.view == 0) & np.isin(fs.record, [i for i, r in enumerate(records) if r.domain == "photo"])
     )
     shas = [
-        hashlib.sha256(resolve_path(dataset, records[int(fs.record[i])]).read_bytes()).hexdigest()
+        sha256_file(resolve_path(dataset, records[int(fs.record[i])]))
         for i in rows
     ]
     cache = EmbeddingCache(job_dir_of(root, checkpoint_sha256(model_dir), precision) / "chunks", model.dim)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.fsutil import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 from model.rerank import RerankConfig, rerank, split_rows
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
+from sbir_ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -356,7 +356,9 @@ class Snapshot:
         return rerank(cand, first, second, self.rerank.weight, k)  # top >= k: (n, k) each
 
     def lookup(self, ids: Sequence[int]) -> list[dict | None]:
-        """Photo records for ids, in order: {"id", "path", "sha256", "metadata"}; None for unknown ids."""
+        """Photo records for ids, in order: {"id", "key", "path", "sha256", "metadata"}; None for unknown
+        ids. `key` is the photo's identity in its collection: its path relative to the collection root
+        (or the manifest's id, where the manifest gives ids)."""
         wanted = [int(i) for i in ids]
         found: dict[int, dict] = {}
         unique = sorted({i for i in wanted if 0 <= i < 2**63})  # SQLite integers are signed 64-bit
@@ -366,11 +368,11 @@ class Snapshot:
             for start in range(0, len(unique), SQL_CHUNK):
                 part = unique[start : start + SQL_CHUNK]
                 rows = self._db.execute(
-                    f"SELECT id, path, sha256, metadata FROM photos WHERE id IN ({','.join('?' * len(part))})",
+                    f"SELECT id, key, path, sha256, metadata FROM photos WHERE id IN ({','.join('?' * len(part))})",
                     part,
                 ).fetchall()
-                for pid, path, sha, meta in rows:
-                    found[pid] = {"id": pid, "path": path, "sha256": sha, "metadata": json.loads(meta)}
+                for pid, key, path, sha, meta in rows:
+                    found[pid] = {"id": pid, "key": key, "path": path, "sha256": sha, "metadata": json.loads(meta)}
         return [dict(found[i]) if i in found else None for i in wanted]
 
     def photo_path(self, id: int) -> Path | None:

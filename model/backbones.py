@@ -9,7 +9,6 @@ are checked by sha256, and are never downloaded.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
 import io
 import logging
@@ -28,6 +27,7 @@ from torch import nn
 
 from model.defaults import DEFAULT_BACKBONE
 from model.images import pad_to_square
+from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ INT8_MIN_COSINE = 0.98
 
 class WeightsError(RuntimeError):
     """Weights missing, of the wrong checksum or of the wrong architecture."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

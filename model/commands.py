@@ -3,21 +3,105 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from model.defaults import (
-    DEFAULT_ADAPTER_OUTPUT,
-    DEFAULT_BACKBONE,
-    DEFAULT_IIAE_EMA,
-    DEFAULT_RERANK,
-    DEFAULT_RERANK_TOP,
-    DEFAULT_RERANK_WEIGHT,
-)
-from sbir.errors import UserError
+from model.defaults import DEFAULT_BACKBONE
+from sbir_ground.errors import UserError
+from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
+
+# `sbir train` flags that set a field of TrainConfig (model/train.py): (flag, field, argparse keywords,
+# help). The defaults live in the dataclass alone: a flag that is not given leaves its field at the
+# default, and `sbir train --help` reads the defaults from the dataclass when it prints (importing it
+# loads torch, so the parser itself does not).
+TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
+    ("--seed", "seed", {"type": int}, "seed of the training run"),
+    ("--objective", "objective", {"choices": ["release", "paper"]}, "IIAE's objective"),
+    ("--lam", "lam", {"type": float}, "IIAE lambda"),
+    ("--beta", "beta", {"type": float}, "IIAE beta (release form)"),
+    ("--rec-weight", "rec_weight", {"type": float}, "weight of each reconstruction MSE (the release: 10)"),
+    ("--iiae-steps", "iiae_max_steps", {"type": int}, "maximum IIAE steps (best on val is kept)"),
+    ("--iiae-lr", "iiae_lr", {"type": float}, "IIAE learning rate (the release: 2e-4)"),
+    ("--iiae-ema", "iiae_ema", {"type": float, "metavar": "DECAY"},
+     "validate and keep a moving average of IIAE's weights with this decay (0: the raw weights)"),
+    ("--pair-by", "pair_by", {"choices": ["category", "instance"]},
+     "IIAE pairs: same item (falls back to same class) or random same-class (the release)"),
+    ("--adapter-output", "adapter_output", {"choices": ["bn", "l2"]},
+     "what IIAE receives: the adapter's batch-normalised output (bn) or its direction only (l2)"),
+    ("--iiae-time-budget", "time_budget_s", {"type": float, "metavar": "SECONDS"},
+     "stop IIAE's selection after this long, keeping its best step so far (0: no limit; a limit makes the "
+     "result depend on the machine's load)"),
+    ("--stroke-norm", "stroke_norm", {"action": "store_const", "const": True},
+     "normalise every sketch's strokes, in training and at query time (docs/MODEL.md)"),
+    ("--no-norm-augment", "norm_augment", {"action": "store_const", "const": False},
+     "do not train on the stroke-normalised twins of the sketches (queries are as drawn either way)"),
+    ("--no-extra-styles", "extra_styles", {"action": "store_const", "const": False},
+     "train on the core sketches only, not on the dataset's extra style sets (they still validate)"),
+    ("--no-refit", "refit", {"action": "store_const", "const": False},
+     "keep the selection-phase model (train classes only)"),
+    ("--no-peer", "peer", {"action": "store_const", "const": False},
+     "skip the InfoNCE peer (needs --rerank adapter or none)"),
+    ("--rerank", "rerank", {"choices": ["infonce", "adapter", "none"]},
+     "the served second stage over IIAE's candidates (docs/MODEL.md, 'Re-ranking')"),
+    ("--rerank-top", "rerank_top", {"type": int, "metavar": "R"}, "IIAE candidates the second stage re-orders"),
+    ("--rerank-weight", "rerank_weight", {"type": float, "metavar": "W"}, "the second cosine's share of the score"),
+)
+# The same for FinetuneConfig (model/finetune.py); their argparse dests are "finetune_" + field.
+FINETUNE_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
+    ("--finetune-lr", "lr", {"type": float}, "the tuned blocks' learning rate"),
+    ("--finetune-epochs", "max_epochs", {"type": int}, "maximum epochs (best on val is kept)"),
+)
+
+
+def _config_defaults() -> dict[str, tuple[str, object]]:
+    """argparse dest -> (field, default) of every config flag, read from the dataclasses."""
+    from model.finetune import FinetuneConfig
+    from model.train import TrainConfig
+
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    tune = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    return {field: (field, train[field]) for _, field, _, _ in TRAIN_FLAGS} | {
+        f"finetune_{field}": (field, tune[field]) for _, field, _, _ in FINETUNE_FLAGS
+    }
+
+
+class _ConfigDefaultsHelp(argparse.HelpFormatter):
+    """Help that states each config flag's default as the dataclass has it, read when help is printed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        found = _config_defaults().get(action.dest)
+        if found is None:
+            return text
+        field, default = found
+        said = f"{field}={default}" if isinstance(default, bool) else str(default)
+        return f"{text} (default {said})".replace("%", "%%") if text else f"default {said}"
+
+
+def _add_config_flag(parser, flag: str, dest: str, kwargs: dict, text: str) -> None:
+    named = {} if "action" in kwargs or "choices" in kwargs else {"metavar": flag[2:].upper().replace("-", "_")}
+    parser.add_argument(flag, dest=dest, default=None, help=text, **(named | kwargs))
+
+
+def _given(args: argparse.Namespace, flags, prefix: str = "") -> dict:
+    return {field: v for _, field, _, _ in flags if (v := getattr(args, prefix + field)) is not None}
+
+
+def train_config(args: argparse.Namespace):
+    """TrainConfig of the flags given; every other field keeps the dataclass's default."""
+    from model.train import TrainConfig
+
+    return TrainConfig(**_given(args, TRAIN_FLAGS))
+
+
+def finetune_config(args: argparse.Namespace):
+    from model.finetune import FinetuneConfig
+
+    return FinetuneConfig(blocks=args.finetune_blocks, **_given(args, FINETUNE_FLAGS, "finetune_"))
 
 
 def default_features_dir(dataset: Path, backbone: str, precision: str = "fp32") -> Path:
@@ -53,6 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser(
         "train",
+        formatter_class=_ConfigDefaultsHelp,
         help="train the adapter and IIAE on cached features of a split's seen classes",
         description="Adapter (cross-entropy over seen classes), then IIAE on its outputs; epochs and steps "
         "selected on the split's validation classes. Writes OUT/model (checkpoint) and a training log.",
@@ -62,37 +147,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--features", type=Path, help=f"default: DATASET/features/{DEFAULT_BACKBONE}")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--granularity", choices=["category", "instance"], help="override the split's")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--objective", choices=["release", "paper"], default="release")
-    t.add_argument("--lam", type=float, default=1.0, help="IIAE lambda")
-    t.add_argument("--beta", type=float, default=0.5, help="IIAE beta (release form)")
-    t.add_argument("--rec-weight", type=float, default=10.0, help="weight of each reconstruction MSE (the release: 10)")
-    t.add_argument("--iiae-steps", type=int, default=3000, help="maximum IIAE steps (best on val is kept)")
-    t.add_argument("--iiae-lr", type=float, default=1e-3, help="IIAE learning rate (the release: 2e-4)")
-    t.add_argument("--iiae-ema", type=float, default=DEFAULT_IIAE_EMA, metavar="DECAY",
-                   help="validate and keep a moving average of IIAE's weights with this decay (0: the raw weights)")
-    t.add_argument("--pair-by", choices=["category", "instance"], default="instance",
-                   help="IIAE pairs: same item (falls back to same class) or random same-class (the release)")
-    t.add_argument("--adapter-output", choices=["bn", "l2"], default=DEFAULT_ADAPTER_OUTPUT,
-                   help="what IIAE receives: the adapter's batch-normalised output (bn) or its direction only (l2)")
-    t.add_argument("--iiae-time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="stop IIAE's selection after this long, keeping its best step so far "
-                   "(0, the default: no limit; a limit makes the result depend on the machine's load)")
-    t.add_argument("--stroke-norm", action="store_true",
-                   help="normalise every sketch's strokes, in training and at query time (docs/MODEL.md)")
-    t.add_argument("--no-norm-augment", action="store_true",
-                   help="do not train on the stroke-normalised twins of the sketches (queries are as drawn either way)")
-    t.add_argument("--no-extra-styles", action="store_true",
-                   help="train on the core sketches only, not on the dataset's extra style sets (they still validate)")
-    t.add_argument("--no-refit", action="store_true", help="keep the selection-phase model (train classes only)")
-    t.add_argument("--no-peer", action="store_true", help="skip the InfoNCE peer (needs --rerank adapter or none)")
-    t.add_argument("--rerank", choices=["infonce", "adapter", "none"], default=DEFAULT_RERANK,
-                   help="the served second stage over IIAE's candidates (docs/MODEL.md, 'Re-ranking'; default: "
-                        "%(default)s)")
-    t.add_argument("--rerank-top", type=int, default=DEFAULT_RERANK_TOP, metavar="R",
-                   help="IIAE candidates the second stage re-orders (default: %(default)s)")
-    t.add_argument("--rerank-weight", type=float, default=DEFAULT_RERANK_WEIGHT, metavar="W",
-                   help="the second cosine's share of the score (default: %(default)s)")
+    for flag, field, kwargs, text in TRAIN_FLAGS:
+        _add_config_flag(t, flag, field, kwargs, text)
     t.add_argument("--threads", type=int, default=0)
     f = t.add_argument_group(
         "fine-tuning (off by default; meant for GPU hosts)",
@@ -101,8 +157,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--finetune-blocks", type=int, default=0, metavar="N",
                    help="tune the last N blocks and the head convolution (0: frozen backbone)")
-    f.add_argument("--finetune-lr", type=float, default=1e-4, help="the tuned blocks' learning rate")
-    f.add_argument("--finetune-epochs", type=int, default=8, help="maximum epochs (best on val is kept)")
+    for flag, field, kwargs, text in FINETUNE_FLAGS:
+        _add_config_flag(f, flag, f"finetune_{field}", kwargs, text)
     f.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     f.add_argument("--workers", type=int, default=1, help="decoding processes for the frozen blocks' pass")
     f.add_argument("--backbone-weights", type=Path, help="local weights file (torchvision:ARCH backbones)")
@@ -186,8 +242,6 @@ def cmd_features(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import hashlib
-
     from model.backbones import get_spec
     from model.quantize import CalibrationRecipe, calibrate_dataset, calibration_file
 
@@ -197,7 +251,7 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"backbone {args.backbone} names no calibration file: give --out")
     recipe = CalibrationRecipe(
         dataset=args.dataset.resolve().name, split=args.split, seed=args.seed, per_domain=args.per_domain,
-        method=args.method, manifest_sha256=hashlib.sha256((args.dataset / "manifest.csv").read_bytes()).hexdigest(),
+        method=args.method, manifest_sha256=sha256_file(args.dataset / "manifest.csv"),
     )
     data = calibrate_dataset(args.dataset, args.backbone, recipe, out)
     print(f"calibration: {len(data['images'])} images, {len(data['ranges']['data'])} tensor ranges in {out}")
@@ -217,7 +271,7 @@ def cmd_train(args) -> int:
     from dataclasses import replace
 
     from model.data.dataset import load_split
-    from model.train import TrainConfig, train_all
+    from model.train import train_all
 
     _threads(args.threads)
     records = _dataset(args.dataset)
@@ -225,17 +279,11 @@ def cmd_train(args) -> int:
     if args.granularity:
         split = replace(split, granularity=args.granularity)
     fs = _load_features(args)
-    cfg = TrainConfig(seed=args.seed, objective=args.objective, lam=args.lam, beta=args.beta,
-                      rec_weight=args.rec_weight, iiae_max_steps=args.iiae_steps, iiae_lr=args.iiae_lr, pair_by=args.pair_by,
-                      iiae_ema=args.iiae_ema, adapter_output=args.adapter_output,
-                      time_budget_s=args.iiae_time_budget, peer=not args.no_peer, refit=not args.no_refit,
-                      stroke_norm=args.stroke_norm, extra_styles=not args.no_extra_styles,
-                      norm_augment=not args.no_norm_augment, rerank=args.rerank, rerank_top=args.rerank_top,
-                      rerank_weight=args.rerank_weight)
+    cfg = train_config(args)
     if args.finetune_blocks:
-        from model.finetune import FinetuneConfig, finetune_and_train
+        from model.finetune import finetune_and_train
 
-        fcfg = FinetuneConfig(blocks=args.finetune_blocks, lr=args.finetune_lr, max_epochs=args.finetune_epochs)
+        fcfg = finetune_config(args)
         try:
             summary = finetune_and_train(args.dataset, records, fs, split, cfg, fcfg, args.out, device=args.device,
                                          backbone_weights=args.backbone_weights, workers=args.workers)

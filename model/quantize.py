@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sbir_ground.files import write_bytes_atomic, write_text_atomic
+
 LOG = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
@@ -150,11 +152,7 @@ def quantize(fp32_onnx: bytes, calibration: Path) -> bytes:
         blob = out.read_bytes()
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False, suffix=".tmp") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(f.name, cached)
+        write_bytes_atomic(cached, blob)
     except OSError as exc:
         LOG.info("int8 graph not cached (%s): it is quantized again on the next load", exc)
     return blob
@@ -260,5 +258,5 @@ def calibrate(fp32_onnx: bytes, pixels: Sequence[np.ndarray], recipe: Calibratio
         "ranges": ranges,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data

@@ -1,3 +1,5 @@
 """Zero-shot sketch-based image retrieval service built on IIAE."""
 
-__version__ = "0.1.0"
+from sbir_ground import __version__
+
+__all__ = ["__version__"]

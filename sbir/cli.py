@@ -11,8 +11,8 @@ import importlib
 import logging
 import sys
 
-from sbir import __version__
-from sbir.errors import UserError
+from sbir_ground import __version__
+from sbir_ground.errors import UserError
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (

@@ -3,18 +3,22 @@
 Prepares the data (npm packages -> rendered images), caches backbone features, trains the model on
 the seen classes of one split (or reuses a model trained on the same data and settings), indexes the
 colour emoji gallery and serves it at http://127.0.0.1:8000. Every step is cached, so a second run
-starts serving within seconds.
+starts serving within seconds. The console gets one line and a progress bar per step; the detail
+(per-epoch training records, the stages' own log lines) goes to WORK/demo.log, and with --verbose
+to the console too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +38,88 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sketch-views", type=int, default=1,
                    help="augmented renders per sketch when features must be computed (the benchmark uses 3)")
     p.add_argument("--no-serve", action="store_true", help="prepare everything, then exit")
+    # its own dest: a subcommand's default would overwrite `sbir --verbose`'s value
+    p.add_argument("--verbose", dest="demo_verbose", action="store_true",
+                   help="also print the detail on the console (per-epoch training records, each stage's log "
+                        "lines); it always goes to WORK/demo.log")
     p.set_defaults(func=cmd_demo)
+
+
+LOG_FILE = "demo.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def run_logging(work: Path, verbose: bool) -> Iterator[Path]:
+    """Every INFO record (DEBUG with `sbir -v`) to WORK/demo.log; the console's handlers keep only
+    warnings unless `verbose`. Restores the handlers' levels afterwards."""
+    work.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    path = work / LOG_FILE
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(min(root.getEffectiveLevel(), logging.INFO))
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    console = [h for h in root.handlers if not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in console]
+    root_level = root.level
+    root.setLevel(file_handler.level)
+    if not verbose:
+        for h in console:
+            h.setLevel(max(h.level, logging.WARNING))
+    root.addHandler(file_handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(file_handler)
+        file_handler.close()
+        root.setLevel(root_level)
+        for h, level in zip(console, levels, strict=True):
+            h.setLevel(level)
+
+
+class TrainingProgress(logging.Handler):
+    """One tqdm bar for `sbir demo`'s training step, fed by model.train's per-epoch log records
+    ("stage=adapter epoch=3 ...", "stage=iiae ... step=250 ..."): adapter epochs, then IIAE steps,
+    each again for the refit on training + validation classes."""
+
+    def __init__(self, cfg, bar=None):
+        super().__init__(logging.INFO)
+        from tqdm import tqdm
+
+        self.cfg = cfg
+        self.bar = bar if bar is not None else tqdm(total=cfg.adapter_max_epochs, unit="epoch", desc="adapter")
+        self.phase = ("adapter", False)
+        self.best = {"adapter": (-1.0, 0), "iiae": (-1.0, 0)}  # (val_mAP, epoch or step) in selection
+        self.phases = ["adapter"]  # the bar's descriptions so far
+
+    def emit(self, record: logging.LogRecord) -> None:
+        entry = dict(kv.split("=", 1) for kv in record.getMessage().split() if "=" in kv)
+        stage = entry.get("stage")
+        if stage == "refit":
+            self.phase = ("refit", True)
+        if stage not in ("adapter", "iiae"):
+            return
+        refit = self.phase[1]
+        pos = int(float(entry["epoch"] if stage == "adapter" else entry.get("step", 0)))
+        if not refit and "val_mAP" in entry and float(entry["val_mAP"]) > self.best[stage][0]:
+            self.best[stage] = (float(entry["val_mAP"]), pos)
+        if (stage, refit) != self.phase:
+            self.phase = (stage, refit)
+            if refit:  # the refit runs exactly the selected epochs / steps
+                total = self.best[stage][1] or None
+            else:
+                total = self.cfg.adapter_max_epochs if stage == "adapter" else self.cfg.iiae_max_steps
+            self.bar.reset(total=total)
+            self.bar.unit = "epoch" if stage == "adapter" else "step"
+            self.phases.append(("refit " if refit else "") + ("adapter" if stage == "adapter" else "IIAE"))
+            self.bar.set_description(self.phases[-1])
+        self.bar.update(pos - self.bar.n)
+        if "val_mAP" in entry:
+            self.bar.set_postfix(val_mAP=entry["val_mAP"], refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        super().close()
 
 
 def _step(n: int, text: str) -> None:
@@ -83,7 +168,14 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
         return model_dir
     if state == "settings":
         print(f"      the model in {model_dir} was trained with other settings than today's defaults: training again")
-    summary = train_all(fs, records, split, cfg, work)
+    progress = TrainingProgress(cfg)
+    train_log = logging.getLogger("model.train")
+    train_log.addHandler(progress)
+    try:
+        summary = train_all(fs, records, split, cfg, work)
+    finally:
+        train_log.removeHandler(progress)
+        progress.close()
     print(f"      validation mAP: adapter {summary['adapter']['val_mAP']:.3f}, IIAE {summary['iiae']['val_mAP']:.3f}"
           f" ({summary['seconds']['total']:.0f} s)")
     return model_dir
@@ -92,22 +184,30 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
 def _gallery_manifest(data: Path, records, path: Path) -> Path:
     """The colour emoji as a photo manifest (paths relative to the dataset + metadata) for the index builder."""
     import csv
+    import io
+
+    from sbir_ground.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
-        for r in records:
-            if r.domain != "photo" or r.heldout:
-                continue
-            w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
-                        r.category, r.meta.get("group", ""), r.artist])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path", "emoji", "name", "subgroup", "group", "artist"])
+    for r in records:
+        if r.domain != "photo" or r.heldout:
+            continue
+        w.writerow([r.path, r.meta.get("emoji", ""), r.meta.get("annotation", ""),
+                    r.category, r.meta.get("group", ""), r.artist])
+    write_text_atomic(path, text.getvalue())
     return path
 
 
 def cmd_demo(args) -> int:
+    with run_logging(args.work, args.demo_verbose) as log_path:
+        print(f"      details in {log_path}" + ("" if args.demo_verbose else " (--verbose: on the console too)"))
+        return _demo(args)
+
+
+def _demo(args) -> int:
     import torch
 
     from model.data.dataset import load_split, read_manifest

@@ -1,5 +1,6 @@
-"""The one exception type every stage raises for mistakes a user can fix (leaf module, no imports)."""
+"""UserError, re-exported from the ground module (sbir_ground.errors) for code that still imports it
+from here; new code imports sbir_ground.errors."""
 
+from sbir_ground.errors import UserError
 
-class UserError(Exception):
-    """A bad path, a wrong model for an index, an empty collection...: printed without a traceback."""
+__all__ = ["UserError"]

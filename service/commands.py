@@ -6,38 +6,46 @@ Every flag has an `SBIR_*` environment variable (see service.settings); a flag g
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from pathlib import Path
 
-from sbir.errors import UserError
+from pydantic.fields import FieldInfo
 
-# flag dest -> Settings field (same name); only flags the user gave override the environment
-_FLAGS = (
-    ("--host", str, "interface to bind (default 127.0.0.1; 0.0.0.0 for all)"),
-    ("--port", int, "TCP port (default 8000; 0 picks a free one)"),
-    ("--device", str, "encoder device: auto, cpu, cuda, cuda:N (default auto)"),
-    ("--max-upload-bytes", int, "largest request body, 413 past it (default 8 MiB)"),
-    ("--request-timeout", float, "seconds a client may take to send a request's head, and its body (default 30)"),
-    ("--max-k", int, "largest k a client may ask for (default 100)"),
-    ("--default-k", int, "k when the client gives none (default 24)"),
-    ("--max-batch", int, "most sketches per forward pass (default 16)"),
-    ("--max-wait-ms", float, "longest a sketch waits for others to batch with (default 4)"),
-    ("--batch-workers", int, "batches in flight at once (default 2)"),
-    ("--max-queue", int, "searches in progress before 503s (default 256)"),
-    ("--decode-threads", int, "threads decoding uploads (default 2)"),
-    ("--torch-threads", int, "encoder threads on the CPU, torch's or onnxruntime's (default: all cores)"),
-    ("--cpu-runtime", str, "backbone on the CPU: auto, onnxruntime or torch (default auto)"),
-    ("--cpu-precision", str, "backbone precision on the CPU: auto (the snapshot's), fp32 or int8 (default auto)"),
-    ("--faiss-threads", int, "FAISS search threads (default 1)"),
-    ("--reload-interval", float, "seconds between polls of ROOT/CURRENT, 0 to never poll (default 2)"),
-    ("--max-thumbnail", int, "largest /photos thumbnail side (default 1024)"),
-    (
-        "--admin-token",
-        str,
-        "enable /admin/* with this bearer token (prefer SBIR_ADMIN_TOKEN: flags show in ps)",
-    ),
-    ("--log-level", str, "critical, error, warning, info or debug (default info)"),
-)
-_FIELD_FOR_FLAG = {"reload_interval": "reload_interval_s", "request_timeout": "request_timeout_s"}
+from sbir_ground.errors import UserError
+
+# Every flag is a Settings field: its name, type, help and default come from service.settings, so a
+# default is written once. Flags default to None: only those given override the environment.
+_NOT_FLAGS = ("snapshot_root", "cors_origins")  # the positional ROOT; --cors-origin, repeatable
+_FLAG_NAMES = {"reload_interval_s": "--reload-interval", "request_timeout_s": "--request-timeout"}
+
+
+def _flag_type(annotation: object) -> type:
+    """The argparse type of a Settings field: int or float where it is one (also `int | None`),
+    else str (Literal choices, SecretStr: Settings validates them)."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (types.UnionType, typing.Union) else ()
+    for kind in (annotation, *kinds):
+        if kind in (int, float):
+            return kind
+    return str
+
+
+def _flag_help(name: str, field: FieldInfo) -> str:
+    default = field.get_default(call_default_factory=True)
+    said = "" if default is None else f"; default {default}"
+    return f"{field.description}{said} (env SBIR_{name.upper()})".replace("%", "%%")
+
+
+def serve_flags() -> list[tuple[str, str, type, str]]:
+    """(flag, Settings field, type, help) of every `sbir serve` flag but --cors-origin."""
+    from service.settings import Settings
+
+    return [
+        (_FLAG_NAMES.get(name, "--" + name.replace("_", "-")), name, _flag_type(field.annotation),
+         _flag_help(name, field))
+        for name, field in Settings.model_fields.items()
+        if name not in _NOT_FLAGS
+    ]  # fmt: skip
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -51,11 +59,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("root", type=Path, nargs="?", help="index root (default: $SBIR_SNAPSHOT_ROOT)")
-    for flag, kind, text in _FLAGS:
-        p.add_argument(flag, type=kind, default=None, help=text)
+    for flag, name, kind, text in serve_flags():
+        p.add_argument(flag, dest=name, type=kind, default=None, help=text, metavar=flag[2:].upper().replace("-", "_"))
     p.add_argument(
         "--cors-origin", action="append", dest="cors_origins", default=None, metavar="ORIGIN",
-        help="allow this browser origin (repeat for more; default none)",
+        help="allow this browser origin (repeat for more; default none; env SBIR_CORS_ORIGINS, comma-separated)",
     )  # fmt: skip
     p.set_defaults(func=serve)
 
@@ -67,11 +75,10 @@ def settings_from_args(args: argparse.Namespace):
     from service.settings import Settings
 
     overrides = {}
-    for flag, _, _ in _FLAGS:
-        dest = flag[2:].replace("-", "_")
-        value = getattr(args, dest)
+    for _, name, _, _ in serve_flags():
+        value = getattr(args, name)
         if value is not None:
-            overrides[_FIELD_FOR_FLAG.get(dest, dest)] = value
+            overrides[name] = value
     if args.cors_origins is not None:
         overrides["cors_origins"] = args.cors_origins
     if args.root is not None:

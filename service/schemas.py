@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -19,14 +19,23 @@ class ErrorBody(BaseModel):
 
 
 class SearchResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # /search builds its answer from these: a stray field fails
+
     rank: int = Field(description="1 for the best match")
     id: int = Field(description="photo id in this snapshot")
+    key: str = Field(
+        description="which photo this is: its path relative to the collection root (or the manifest's id, "
+        "where the collection's manifest gives ids)",
+        examples=["animals/cat/0001.jpg"],
+    )
     score: float = Field(description="cosine similarity of sketch and photo embeddings (higher is closer)")
     url: str = Field(description="where to fetch the photo (GET /photos/{id})")
     metadata: dict[str, Any] = Field(description="what the index builder stored with the photo")
 
 
 class SearchResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     results: list[SearchResult]
     snapshot: str = Field(description="id of the snapshot that answered")
     model: str = Field(description="sha256 of the model checkpoint that encoded the sketch")

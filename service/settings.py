@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None,
-        description=f"bearer token for /admin/*; unset disables it (at least {MIN_ADMIN_TOKEN_CHARS} chars)",
+        description=f"bearer token for /admin/*; unset disables it (at least {MIN_ADMIN_TOKEN_CHARS} chars; "
+        "prefer the environment variable to the flag: flags show in ps)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed by CORS, comma-separated in the environment"

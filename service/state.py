@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 from service.metrics import ServiceMetrics
+from service.serving_types import ServedModel, ServedSnapshot
 
 LOG = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class SearchHit:
 class ServingPair:
     """A snapshot and the model that built it. Immutable once made; closed after its last lease."""
 
-    def __init__(self, snapshot: Any, model: Any):
+    def __init__(self, snapshot: ServedSnapshot, model: ServedModel):
         self.snapshot = snapshot
         self.model = model
         self.loaded_at = time.time()
@@ -154,10 +154,10 @@ class ModelCache:
         self.cpu_runtime = cpu_runtime
         self.cpu_threads = cpu_threads
         self.cpu_precision = cpu_precision
-        self._models: dict[tuple[str, str | None], Any] = {}
+        self._models: dict[tuple[str, str | None], ServedModel] = {}
         self._lock = threading.Lock()
 
-    def precision_for(self, snapshot: Any) -> str:
+    def precision_for(self, snapshot: ServedSnapshot) -> str:
         """The precision queries of `snapshot` must be encoded in; UserError if the setting forbids it."""
         built = getattr(snapshot, "precision", "fp32")
         if self.cpu_precision not in ("auto", built):
@@ -169,7 +169,7 @@ class ModelCache:
             )
         return built
 
-    def get(self, model_dir: Path, sha256: str, precision: str | None = None) -> Any:
+    def get(self, model_dir: Path, sha256: str, precision: str | None = None) -> ServedModel:
         """The model of `model_dir`, its backbone in `precision` (None: the setting's, resolved as
         model.backbones.cpu_precision_for does)."""
         key = (sha256, precision)
@@ -262,6 +262,7 @@ class ServingState:
         self.serving_missing_since: float | None = None  # when the serving snapshot's folder vanished
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self.polls = 0  # the watcher's finished polls of CURRENT: it is alive while this grows
 
     @property
     def snapshots(self) -> ModuleType:
@@ -323,22 +324,27 @@ class ServingState:
         unreadable = ""
         while True:
             await asyncio.sleep(self.reload_interval_s)
-            await self._check_serving_on_disk()
-            try:
-                target = await asyncio.to_thread(self.snapshots.read_current, self.root)
-            except (OSError, UserError) as exc:
-                if str(exc) != unreadable:  # once per distinct problem, not every poll
-                    LOG.warning("cannot read %s/CURRENT: %s", self.root, exc)
-                unreadable = str(exc)
-                continue
-            unreadable = ""
-            serving = self.current.id if self.current else None
-            if target is None or target == serving or target == self._failed_id:
-                continue  # a refused snapshot is not retried every poll; POST /admin/reload retries it
-            try:
-                await self.reload(reason="CURRENT changed")
-            except ReloadError:
-                pass  # recorded in last_reload_error and logged
+            unreadable = await self._poll(unreadable)
+            self.polls += 1
+
+    async def _poll(self, unreadable: str) -> str:
+        """One look at CURRENT (and at the serving snapshot's folder); returns the problem reading
+        CURRENT, if any, so that each distinct one is logged once, not every poll."""
+        await self._check_serving_on_disk()
+        try:
+            target = await asyncio.to_thread(self.snapshots.read_current, self.root)
+        except (OSError, UserError) as exc:
+            if str(exc) != unreadable:
+                LOG.warning("cannot read %s/CURRENT: %s", self.root, exc)
+            return str(exc)
+        serving = self.current.id if self.current else None
+        if target is None or target == serving or target == self._failed_id:
+            return ""  # a refused snapshot is not retried every poll; POST /admin/reload retries it
+        try:
+            await self.reload(reason="CURRENT changed")
+        except ReloadError:
+            pass  # recorded in last_reload_error and logged
+        return ""
 
     async def _check_serving_on_disk(self) -> None:
         pair = self.current

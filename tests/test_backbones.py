@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.backbones import BACKBONES, WeightsError, create_backbone, sha256_file
+from model.backbones import BACKBONES, WeightsError, create_backbone
 from model.images import pad_to_square
+from sbir_ground.files import sha256_file
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

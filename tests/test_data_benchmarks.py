@@ -21,7 +21,7 @@ from model.data.dataset import Split, list_splits, make_split, read_manifest, re
 from model.data.folder import build_folder
 from model.data.layout import canonical_name, letters_key, match_folders
 from sbir import cli
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 
 def _image_bytes(fmt: str) -> bytes:

@@ -39,3 +39,56 @@ def test_other_split_or_features_are_not_reused(tmp_path):
     assert cached_model_state(tmp_path / "split", SPLIT, PLAN, cfg) == "missing"
     _write(tmp_path / "plan", cfg, plan={**PLAN, "records_sha256": "2" * 64})
     assert cached_model_state(tmp_path / "plan", SPLIT, PLAN, cfg) == "missing"
+
+
+def test_training_progress_follows_the_training_log(tmp_path):
+    """The demo's training bar reads model.train's real log records: adapter epochs, IIAE steps,
+    then the refit for exactly the selected step."""
+    import io
+    import logging
+
+    from test_train_e2e import synthetic
+    from tqdm import tqdm
+
+    from model.train import train_all
+    from sbir.demo import TrainingProgress
+
+    fs, records, split = synthetic(n_classes=24, d=32)
+    cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=200, iiae_eval_every=50,
+                      peer=False, adapter_dim=16, latent_dim=8)
+    progress = TrainingProgress(cfg, bar=tqdm(total=cfg.adapter_max_epochs, file=io.StringIO()))
+    train_log = logging.getLogger("model.train")
+    train_log.addHandler(progress)
+    level = train_log.level
+    train_log.setLevel(logging.INFO)
+    try:
+        summary = train_all(fs, records, split, cfg, tmp_path)
+    finally:
+        train_log.removeHandler(progress)
+        train_log.setLevel(level)
+    assert progress.phases == ["adapter", "IIAE", "refit adapter", "refit IIAE"]
+    assert progress.bar.n == progress.bar.total == summary["iiae"]["selected_step"]
+
+
+def test_demo_detail_goes_to_the_log_file_and_the_console_only_when_verbose(tmp_path):
+    import io
+    import logging
+
+    from sbir.demo import LOG_FILE, run_logging
+
+    console = logging.StreamHandler(stream := io.StringIO())
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        for verbose in (False, True):
+            with run_logging(tmp_path / str(verbose), verbose) as path:
+                logging.getLogger("model.train").info("stage=adapter epoch=1")
+                logging.getLogger("model.train").warning("budget reached")
+            assert path == tmp_path / str(verbose) / LOG_FILE
+            text = path.read_text()
+            assert "stage=adapter epoch=1" in text and "budget reached" in text
+            assert console.level == logging.NOTSET  # restored
+        lines = stream.getvalue().splitlines()
+        assert lines == ["budget reached", "stage=adapter epoch=1", "budget reached"]
+    finally:
+        root.removeHandler(console)

@@ -15,7 +15,7 @@ from model.features import FeatureSet, extract_features
 from model.finetune import FinetuneConfig, finetune_and_train, split_backbone, top_state
 from model.pipeline import SBIRModel
 from model.train import TrainConfig
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 
 @pytest.fixture(scope="module")

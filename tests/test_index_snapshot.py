@@ -91,6 +91,7 @@ def test_metadata_round_trip_through_lookup(tmp_path, ckpt):
         assert got[1] is None and got[2] is None
         assert got[0] == {
             "id": int(ids[3]),
+            "key": "dir/photo 3.jpg",
             "path": "/photos/dir/photo 3.jpg",
             "sha256": f"{3:064x}",
             "metadata": {"caption": "photo nº3", "tags": ["a", 3], "nested": {"w": 30}},
@@ -270,7 +271,7 @@ def test_broken_manifest_current_and_missing_snapshot_are_snapshot_errors(tmp_pa
 
 def test_verify_catches_consistent_checksums_over_inconsistent_content(tmp_path, ckpt):
     """Files rewritten together with their checksums (a buggy tool, not a disk error) are still caught."""
-    from index_builder.fsutil import sha256_file
+    from sbir_ground.files import sha256_file
 
     root = tmp_path / "index"
     sid, ids, _ = write_snapshot(root, ckpt)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from model.pipeline import SBIRModel, checkpoint_sha256
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 
 
 def _images():

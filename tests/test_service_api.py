@@ -17,6 +17,7 @@ from PIL import Image
 from test_service_support import new_index_root
 
 from service.app import create_app
+from service.schemas import SearchResponse, SearchResult
 from service.settings import Settings
 from service.strokes import render_strokes
 
@@ -91,6 +92,10 @@ def test_multipart_png_search_ranks_photos_like_the_model_and_index_do(served, p
     assert scores == sorted(scores, reverse=True)
     assert set(body["timings_ms"]) == {"read", "decode", "queue", "encode", "search", "metadata", "total"}
     assert body["timings_ms"]["total"] >= body["timings_ms"]["encode"] > 0
+    # exactly the declared response model, field for field
+    assert SearchResponse.model_validate(body).model_dump(mode="json") == body
+    assert set(body) == set(SearchResponse.model_fields)
+    assert all(set(x) == set(SearchResult.model_fields) for x in results)
 
     # The same sketch through the model and the snapshot directly gives the same ranking.
     from index_builder.snapshot import Snapshot
@@ -107,6 +112,8 @@ def test_multipart_png_search_ranks_photos_like_the_model_and_index_do(served, p
     assert [x["id"] for x in results] == ref_ids[0].tolist()
     np.testing.assert_allclose(scores, ref_scores[0], atol=1e-4)
     assert [x["metadata"] for x in results] == [rec["metadata"] for rec in records]
+    assert [x["key"] for x in results] == [rec["key"] for rec in records]
+    assert all((root.parent / "photos_0" / x["key"]).is_file() for x in results)  # relative to the collection
     assert all(x["url"] == f"http://testserver/photos/{x['id']}" for x in results)
 
 
@@ -359,3 +366,11 @@ def test_admin_disabled_and_cors_without_a_snapshot(tmp_path):
     r = client.post("/search", json={"strokes": A_STROKES})
     assert_error(r, 503, "not-ready")
     assert r.headers["retry-after"] == "1"
+
+
+def test_the_served_snapshot_and_model_have_the_shape_the_service_relies_on(client):
+    from service.serving_types import ServedModel, ServedSnapshot
+
+    pair = client.app.state.service.state.current
+    assert isinstance(pair.snapshot, ServedSnapshot) and isinstance(pair.model, ServedModel)
+    assert not isinstance(object(), ServedSnapshot) and not isinstance(object(), ServedModel)

@@ -5,7 +5,7 @@ checkpoint; the tests draw with real pointer events, wait for the results, use u
 the eraser, upload files, and see errors shown plainly. Screenshots go to $SBIR_TEST_ARTIFACTS
 (default tests/artifacts/).
 
-chromium must be installed (`apt-get install chromium`; .ci/run does it): without it these tests
+chromium must be installed (`make test` installs it when it can: .ci/ensure-chromium): without it these tests
 fail, unless SBIR_SKIP_BROWSER=1 says to skip them. `SBIR_UPDATE_SCREENSHOT=1` also regenerates
 docs/img/page.png from the demo index (runs/demo/index, or $SBIR_SCREENSHOT_INDEX).
 """
@@ -111,7 +111,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"chromium is not installed at {CHROMIUM}: the drawing page's tests need it "
-            "(`apt-get install -y --no-install-recommends chromium`, as .ci/run does; "
+            "(`apt-get install -y --no-install-recommends chromium`, as `make test` does as root; "
             "or set SBIR_SKIP_BROWSER=1 to skip them explicitly)",
             pytrace=False,
         )
@@ -231,6 +231,8 @@ def test_page_and_assets_are_served_from_the_package(live):
         js, css = c.get("/static/app.js"), c.get("/static/style.css")
         assert js.headers["content-type"].startswith("text/javascript")
         assert css.headers["content-type"].startswith("text/css")
+        for module in re.findall(r'from "\./([a-z]+\.js)"', js.text):  # app.js' ES modules, no build step
+            assert c.get(f"/static/{module}").headers["content-type"].startswith("text/javascript"), module
         assert c.get("/", headers={"If-None-Match": page.headers["etag"]}).status_code == 304
         assert c.get("/static/../app.py").status_code == 404
         # works offline: every URL the page names is relative (or data:), the code fetches no other origin
@@ -257,6 +259,10 @@ def test_draw_search_undo_redo_clear_and_k(probe, live):
     assert page.get_attribute("#grid a", "href").startswith("photos/")
     scores = [float(s) for s in page.locator("#grid .score").all_text_contents()]
     assert scores == sorted(scores, reverse=True)
+    # a folder collection stores no metadata: each tile is named by its photo's key (path in the folder)
+    names = page.locator("#grid .name").all_text_contents()
+    assert len(names) == DEFAULT_K and all(re.fullmatch(r"photo_\d+_\d{3}\.(png|jpg)", n) for n in names), names
+    assert page.get_attribute("#grid a", "title").splitlines()[1] == names[0]
     two = canvas_png(page)
     ink_two = ink(page)
     # each finished stroke is searched once the drawing rests (debounced), never mid-stroke
@@ -532,3 +538,66 @@ def test_readme_screenshot(browser):
         page.screenshot(path=str(out))
         shutil.copy(out, artifacts_dir() / "readme.png")
         context.close()
+
+
+# ---- the page's pure geometry (service/static/geometry.js), imported as a module in the browser -----
+
+
+@pytest.fixture(scope="module")
+def geometry(browser, live):
+    """`call(name, *args)`: geometry.js' function `name` applied to JSON arguments, in the browser."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(live[0] + "/static/geometry.js")  # same origin as the module, no page script running
+
+    def call(name: str, *args):
+        return page.evaluate(
+            "async ([name, args]) => (await import('./geometry.js'))[name](...args)", [name, list(args)]
+        )
+
+    yield call
+    context.close()
+
+
+def test_geometry_frame_mapping_clamps_and_rounds(geometry):
+    rect = {"left": 100, "top": 50, "width": 400, "height": 400}
+    assert geometry("toFrame", 100, 50, rect) == [0, 0]
+    assert geometry("toFrame", 500, 450, rect) == [1000, 1000]
+    assert geometry("toFrame", 300, 150, rect) == [500, 250]
+    assert geometry("toFrame", 0, 999, rect) == [0, 1000]  # outside the canvas: clamped
+    assert geometry("toFrame", 100.123, 50, rect) == [0.3, 0]  # 0.3075 frame units, to 0.1
+
+
+def test_geometry_simplify_keeps_corners_and_drops_collinear_points(geometry):
+    line = [[x, 2 * x] for x in range(0, 101, 5)]
+    assert geometry("simplify", line, 0.8) == [[0, 0], [100, 200]]
+    square = [[0, 0], [50, 0.3], [100, 0], [100, 50], [100, 100], [0, 100], [0, 0]]
+    assert geometry("simplify", square, 0.8) == [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    assert geometry("simplify", [[1, 2], [3, 4]], 0.8) == [[1, 2], [3, 4]]
+
+
+def test_geometry_an_eraser_cuts_a_pen_line_where_it_passed(geometry):
+    pen = {"tool": "pen", "width": 12, "points": [[100, 500], [900, 500]]}
+    eraser = {"tool": "eraser", "width": 100, "points": [[500, 300], [500, 700]]}  # a vertical swipe
+    (left_x, left_y), (right_x, right_y) = geometry("queryStrokes", [pen, eraser])
+    assert left_y == [500, 500] and right_y == [500, 500]
+    assert left_x[0] == 100 and right_x[-1] == 900
+    assert 448 <= left_x[-1] < 450 and 550 < right_x[0] <= 552  # the gap is the eraser's 100 wide disc
+    # an eraser drawn before the pen line does not touch it; a clear hides what came before it
+    assert geometry("queryStrokes", [eraser, pen]) == [[[100, 900], [500, 500]]]
+    actions = [pen, {"clear": True}, eraser]
+    assert geometry("strokesAfterLastClear", actions) == [eraser]
+    assert geometry("queryStrokes", geometry("strokesAfterLastClear", actions)) == []
+
+
+def test_geometry_distance_to_a_segment(geometry):
+    assert geometry("distToSegment", [5, 5], [0, 0], [10, 0]) == 5
+    assert geometry("distToSegment", [13, 4], [0, 0], [10, 0]) == 5  # past the end: to the end point
+    assert geometry("distToSegment", [3, 4], [0, 0], [0, 0]) == 5  # a point segment
+
+
+def test_geometry_only_well_formed_strokes_are_restored(geometry):
+    assert geometry("isStroke", {"tool": "pen", "width": 3, "points": [[1, 2]]}) is True
+    for bad in (None, {"tool": "brush", "width": 3, "points": [[1, 2]]}, {"tool": "pen", "width": 3, "points": []},
+                {"tool": "pen", "width": 3, "points": [[1, "x"]]}, {"tool": "pen", "points": [[1, 2]]}):
+        assert geometry("isStroke", bad) is False, bad

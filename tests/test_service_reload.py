@@ -53,7 +53,7 @@ def test_new_current_is_served_and_the_old_pair_closes_after_its_requests(collec
         new = state.current
         assert new.model is old.model  # same checkpoint: weights were not loaded again
         # The old pair still answers the request that holds it, and closes once that one is done.
-        assert not old.closed_event.wait(0.3)
+        assert not old.closed and not old.closed_event.is_set()
         scores, ids = old.snapshot.search(new.model.encode_sketches([render_strokes(STROKES["strokes"])]), 3)
         assert ids.shape == (1, 3) and (ids >= 0).all()
         old.release()
@@ -78,7 +78,9 @@ def photo_paths(root: Path, snapshot_id: str, ids: list[int]) -> list[str]:
 def test_a_broken_snapshot_is_refused_and_the_old_one_keeps_serving(untrained_checkpoint, tmp_path):
     root, good = new_index_root(tmp_path, untrained_checkpoint, n_photos=4, seed=5)
     settings = Settings(snapshot_root=root, device="cpu", reload_interval_s=0.1, admin_token=TOKEN)
-    with TestClient(create_app(settings)) as client:
+    app = create_app(settings)
+    state = app.state.service.state
+    with TestClient(app) as client:
         assert client.get("/readyz").json()["snapshot"] == good
         photos = make_photos(tmp_path / "photos_bad", 4, seed=6)
         bad = publish_broken_snapshot(photos, untrained_checkpoint, root, tmp_path)
@@ -93,7 +95,8 @@ def test_a_broken_snapshot_is_refused_and_the_old_one_keeps_serving(untrained_ch
         # ... and does not retry the same id on every poll
         refused = metric(client, 'sbir_snapshot_reloads_total{outcome="refused"}')
         assert refused == 1
-        time.sleep(0.6)
+        polls = state.polls
+        wait_for(lambda: state.polls >= polls + 3)  # three more looks at the same CURRENT
         assert metric(client, 'sbir_snapshot_reloads_total{outcome="refused"}') == 1
         # an operator's reload does retry it, and gets the reason
         r = client.post("/admin/reload", headers=AUTH)
@@ -113,13 +116,16 @@ def test_starting_on_a_root_without_snapshot_waits_for_one(untrained_checkpoint,
     root = tmp_path / "index"
     root.mkdir()
     settings = Settings(snapshot_root=root, device="cpu", reload_interval_s=0.1)
-    with TestClient(create_app(settings)) as client:
+    app = create_app(settings)
+    state = app.state.service.state
+    with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
         assert r.status_code == 503 and "CURRENT" in r.json()["error"]["message"]
         assert client.post("/search", json=STROKES).status_code == 503
         (root / "CURRENT").write_text("../../etc/passwd\n")  # garbage: the watcher must survive it
-        time.sleep(0.4)
+        polls = state.polls
+        wait_for(lambda: state.polls >= polls + 2)  # it read the garbage at least once and went on
         assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
         (root / "CURRENT").unlink()
         first = build_snapshot(make_photos(tmp_path / "photos", 3, seed=7), untrained_checkpoint, root)

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sbir.cli import build_parser
-from sbir.errors import UserError
+from sbir_ground.errors import UserError
 from service.commands import settings_from_args
 from service.settings import Settings
 

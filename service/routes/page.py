@@ -14,8 +14,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 
 STATIC_PACKAGE = "service.static"
+# The page's ES modules (app.js imports the other two) and its style sheet.
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
+    "geometry.js": "text/javascript; charset=utf-8",
+    "results.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 PAGE = "index.html"

@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from service.deps import ServiceDep
 from service.errors import ApiError
@@ -19,7 +18,7 @@ from service.inputs import (
     read_body,
     unsupported_media_type,
 )
-from service.schemas import ERROR_RESPONSES, SearchResponse
+from service.schemas import ERROR_RESPONSES, SearchResponse, SearchResult
 from service.settings import Settings
 from service.state import ServingPair
 from service.strokes import MAX_ABS_COORD, MAX_POINTS, MAX_STROKES
@@ -119,7 +118,7 @@ def build_router(settings: Settings) -> APIRouter:
         openapi_extra=_request_body_doc(),
         summary="Find the photos that match a sketch",
     )
-    async def search(request: Request, service: ServiceDep, k: KQuery = settings.default_k) -> JSONResponse:
+    async def search(request: Request, service: ServiceDep, k: KQuery = settings.default_k) -> SearchResponse:
         start = time.perf_counter()
         form = "unknown"
         # Bounds what waits in memory (bodies, decoded images) before the batcher's own queue does.
@@ -138,12 +137,12 @@ def build_router(settings: Settings) -> APIRouter:
         finally:
             service.searches_in_flight -= 1
         service.metrics.searches.labels("ok", form).inc()
-        return JSONResponse(answer)
+        return answer
 
     return router
 
 
-async def _search(request: Request, service: ServiceDep, k: int, start: float) -> tuple[dict, str]:
+async def _search(request: Request, service: ServiceDep, k: int, start: float) -> tuple[SearchResponse, str]:
     settings = service.settings
     content_type = request.headers.get("content-type")
     if media_type(content_type) not in ACCEPTED_MEDIA_TYPES:
@@ -170,13 +169,14 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
             LOG.warning("snapshot %s returned id %d without metadata", snapshot_id, photo_id)
             continue
         results.append(
-            {
-                "rank": len(results) + 1,
-                "id": photo_id,
-                "score": round(score, 6),
-                "url": f"{base}photos/{photo_id}",
-                "metadata": record.get("metadata") or {},
-            }
+            SearchResult(
+                rank=len(results) + 1,
+                id=photo_id,
+                key=record["key"],
+                score=round(score, 6),
+                url=f"{base}photos/{photo_id}",
+                metadata=record.get("metadata") or {},
+            )
         )
     timings = {
         "read": t_read - start,
@@ -188,13 +188,13 @@ async def _search(request: Request, service: ServiceDep, k: int, start: float) -
         "total": time.perf_counter() - start,
     }
     service.metrics.observe_stages(timings)
-    answer = {
-        "results": results,
-        "snapshot": snapshot_id,
-        "model": model_sha,
-        "batch_size": batch.batch_size,
-        "timings_ms": {stage: round(s * 1000, 3) for stage, s in timings.items()},
-    }
+    answer = SearchResponse(
+        results=results,
+        snapshot=snapshot_id,
+        model=model_sha,
+        batch_size=batch.batch_size,
+        timings_ms={stage: round(s * 1000, 3) for stage, s in timings.items()},
+    )
     return answer, form
 
 

@@ -5,667 +5,494 @@
 // The canvas is always redrawn from that list, which makes undo and redo exact. Eraser strokes are
 // strokes too; before a search they are applied to the pen strokes drawn before them (each pen line
 // is cut where an eraser passed over it) and the pieces are sent as QuickDraw vectors, so what is
-// searched is what is seen. No build step, no dependencies: plain browser JavaScript.
-"use strict";
+// searched is what is seen. No build step, no dependencies: plain browser JavaScript in ES modules
+// (geometry.js: the pure geometry; results.js: a result's tile; this one: the page's state and events).
 
-(() => {
-  const FRAME = 1000; // logical drawing frame, both axes (the canvas is square)
-  const STORE_KEY = "sbir.drawing.v1";
-  const SEARCH_DELAY_MS = 300; // after a stroke ends
-  const MIN_STEP = 1.5; // frame units between recorded points
-  const SIMPLIFY = 0.8; // Ramer-Douglas-Peucker tolerance (frame units) for what is sent
-  const INK = "#111418";
-  const THUMB_CSS_PX = 180;
-  const INFO_POLL_MS = 30000;
-  const RETRY_MAX_MS = 15000;
-  const SEARCH_TIMEOUT_MS = 30000;
-  const DEFAULT_WIDTHS = { pen: 12, eraser: 48 };
+import { FRAME, isStroke, queryStrokes, strokesAfterLastClear, toFrame } from "./geometry.js";
+import { tile } from "./results.js";
 
-  const $ = (id) => document.getElementById(id);
-  const canvas = $("canvas");
-  const ctx = canvas.getContext("2d");
-  const ui = {
-    stage: $("stage"), hint: $("hint"), pen: $("pen"), eraser: $("eraser"), width: $("width"),
-    widthValue: $("width-value"), undo: $("undo"), redo: $("redo"),
-    clear: $("clear"), count: $("stroke-count"), upload: $("upload"), file: $("file"),
-    status: $("status"), statusText: $("status-text"), retry: $("retry"), serving: $("info-serving"),
-    timing: $("info-timing"), query: $("query"), k: $("k"), empty: $("empty"), grid: $("grid"),
-    more: $("more"),
-  };
+const STORE_KEY = "sbir.drawing.v1";
+const SEARCH_DELAY_MS = 300; // after a stroke ends
+const MIN_STEP = 1.5; // frame units between recorded points
+const INK = "#111418";
+const INFO_POLL_MS = 30000;
+const RETRY_MAX_MS = 15000;
+const SEARCH_TIMEOUT_MS = 30000;
+const DEFAULT_WIDTHS = { pen: 12, eraser: 48 };
 
-  // ---- state ---------------------------------------------------------------------------------
-  const doc = { actions: [], redo: [] };
-  const prefs = { tool: "pen", widths: { ...DEFAULT_WIDTHS }, k: null };
-  let info = null; // last GET /info answer
-  let limits = { default_k: 24, max_k: 100, max_thumbnail: 1024 };
-  let active = null; // the stroke being drawn: {pointerId, stroke}
-  let query = { kind: "drawing" }; // or {kind: "file", file, previewUrl}
-  let searchTimer = 0;
-  let retryTimer = 0;
-  let retryDelay = 0;
-  let inFlight = null; // AbortController of the newest request
-  let sequence = 0;
-  let infoStale = false; // the server was unreachable: ask /info again once it answers
+const $ = (id) => document.getElementById(id);
+const canvas = $("canvas");
+const ctx = canvas.getContext("2d");
+const ui = {
+  stage: $("stage"), hint: $("hint"), pen: $("pen"), eraser: $("eraser"), width: $("width"),
+  widthValue: $("width-value"), undo: $("undo"), redo: $("redo"),
+  clear: $("clear"), count: $("stroke-count"), upload: $("upload"), file: $("file"),
+  status: $("status"), statusText: $("status-text"), retry: $("retry"), serving: $("info-serving"),
+  timing: $("info-timing"), query: $("query"), k: $("k"), empty: $("empty"), grid: $("grid"),
+  more: $("more"),
+};
 
-  /** Strokes on the canvas now: those after the last clear. */
-  function visibleStrokes() {
-    let start = 0;
-    for (let i = doc.actions.length - 1; i >= 0; i--) {
-      if (doc.actions[i].clear) { start = i + 1; break; }
-    }
-    return doc.actions.slice(start);
+// ---- state ---------------------------------------------------------------------------------
+const doc = { actions: [], redo: [] };
+const prefs = { tool: "pen", widths: { ...DEFAULT_WIDTHS }, k: null };
+let info = null; // last GET /info answer
+let limits = { default_k: 24, max_k: 100, max_thumbnail: 1024 };
+let active = null; // the stroke being drawn: {pointerId, stroke}
+let query = { kind: "drawing" }; // or {kind: "file", file, previewUrl}
+let searchTimer = 0;
+let retryTimer = 0;
+let retryDelay = 0;
+let inFlight = null; // AbortController of the newest request
+let sequence = 0;
+let infoStale = false; // the server was unreachable: ask /info again once it answers
+
+/** Strokes on the canvas now: those after the last clear. */
+const visibleStrokes = () => strokesAfterLastClear(doc.actions);
+
+// ---- persistence: the drawing survives a reload --------------------------------------------
+function save() {
+  const data = { v: 1, actions: doc.actions, redo: doc.redo, tool: prefs.tool, widths: prefs.widths, k: prefs.k };
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify(data));
+  } catch {
+    try { // too large for the quota: keep at least what is visible
+      localStorage.setItem(STORE_KEY, JSON.stringify({ ...data, actions: visibleStrokes(), redo: [] }));
+    } catch { /* storage disabled: the drawing lives as long as the tab */ }
   }
+}
 
-  // ---- persistence: the drawing survives a reload --------------------------------------------
-  function save() {
-    const data = { v: 1, actions: doc.actions, redo: doc.redo, tool: prefs.tool, widths: prefs.widths, k: prefs.k };
-    try {
-      localStorage.setItem(STORE_KEY, JSON.stringify(data));
-    } catch {
-      try { // too large for the quota: keep at least what is visible
-        localStorage.setItem(STORE_KEY, JSON.stringify({ ...data, actions: visibleStrokes(), redo: [] }));
-      } catch { /* storage disabled: the drawing lives as long as the tab */ }
-    }
+function restore() {
+  let data;
+  try { data = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch { return; }
+  if (!data || data.v !== 1) return;
+  const valid = (list) => Array.isArray(list) && list.every((a) => (a && a.clear === true) || isStroke(a));
+  if (valid(data.actions)) doc.actions = data.actions;
+  if (valid(data.redo)) doc.redo = data.redo;
+  if (data.tool === "pen" || data.tool === "eraser") prefs.tool = data.tool;
+  for (const t of ["pen", "eraser"]) {
+    const w = data.widths && data.widths[t];
+    if (Number.isFinite(w) && w >= 1 && w <= 200) prefs.widths[t] = w;
   }
+  if (Number.isInteger(data.k) && data.k > 0) prefs.k = data.k;
+}
 
-  function isStroke(a) {
-    return a && (a.tool === "pen" || a.tool === "eraser") && Number.isFinite(a.width) &&
-      Array.isArray(a.points) && a.points.length > 0 &&
-      a.points.every((p) => Array.isArray(p) && p.length === 2 && p.every(Number.isFinite));
-  }
-
-  function restore() {
-    let data;
-    try { data = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch { return; }
-    if (!data || data.v !== 1) return;
-    const valid = (list) => Array.isArray(list) && list.every((a) => (a && a.clear === true) || isStroke(a));
-    if (valid(data.actions)) doc.actions = data.actions;
-    if (valid(data.redo)) doc.redo = data.redo;
-    if (data.tool === "pen" || data.tool === "eraser") prefs.tool = data.tool;
-    for (const t of ["pen", "eraser"]) {
-      const w = data.widths && data.widths[t];
-      if (Number.isFinite(w) && w >= 1 && w <= 200) prefs.widths[t] = w;
-    }
-    if (Number.isInteger(data.k) && data.k > 0) prefs.k = data.k;
-  }
-
-  // ---- canvas: size, coordinates, drawing ----------------------------------------------------
-  /** Match the backing store to the CSS size times devicePixelRatio, then redraw from the model. */
-  function fitCanvas() {
-    const rect = canvas.getBoundingClientRect();
-    const dpr = window.devicePixelRatio || 1;
-    const w = Math.max(1, Math.round(rect.width * dpr));
-    const h = Math.max(1, Math.round(rect.height * dpr));
-    if (canvas.width !== w || canvas.height !== h) {
-      canvas.width = w;
-      canvas.height = h;
-      redraw();
-    }
-  }
-
-  function watchPixelRatio() {
-    const mq = window.matchMedia(`(resolution: ${window.devicePixelRatio || 1}dppx)`);
-    mq.addEventListener("change", () => { fitCanvas(); watchPixelRatio(); }, { once: true });
-  }
-
-  /** A pointer event's position in the drawing frame, clamped to the visible canvas. */
-  function toFrame(e) {
-    const rect = canvas.getBoundingClientRect();
-    const clamp = (v) => Math.min(FRAME, Math.max(0, v));
-    const x = clamp(((e.clientX - rect.left) / rect.width) * FRAME);
-    const y = clamp(((e.clientY - rect.top) / rect.height) * FRAME);
-    return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
-  }
-
-  /** Draw `stroke` from point `from` on (0: all of it; more: only the newest segments). */
-  function paint(stroke, from = 0) {
-    const sx = canvas.width / FRAME;
-    const sy = canvas.height / FRAME;
-    const pts = stroke.points;
-    ctx.globalCompositeOperation = stroke.tool === "eraser" ? "destination-out" : "source-over";
-    ctx.strokeStyle = INK;
-    ctx.fillStyle = INK;
-    ctx.lineWidth = stroke.width * sx;
-    ctx.lineCap = "round";
-    ctx.lineJoin = "round";
-    if (pts.length === 1 || from >= pts.length - 1) {
-      const [x, y] = pts[pts.length - 1];
-      if (pts.length === 1) {
-        ctx.beginPath();
-        ctx.arc(x * sx, y * sy, (stroke.width * sx) / 2, 0, Math.PI * 2);
-        ctx.fill();
-      }
-      return;
-    }
-    ctx.beginPath();
-    const start = Math.max(0, from - 1);
-    ctx.moveTo(pts[start][0] * sx, pts[start][1] * sy);
-    for (let i = start + 1; i < pts.length; i++) ctx.lineTo(pts[i][0] * sx, pts[i][1] * sy);
-    ctx.stroke();
-  }
-
-  function redraw() {
-    ctx.globalCompositeOperation = "source-over";
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    for (const s of visibleStrokes()) paint(s);
-    if (active) paint(active.stroke);
-  }
-
-  // ---- pointer input (mouse, touch, stylus) --------------------------------------------------
-  canvas.addEventListener("pointerdown", (e) => {
-    if (active || (e.pointerType === "mouse" && e.button !== 0)) return;
-    e.preventDefault(); // no text selection, no focus change, no emulated mouse events
-    // Shortcuts should reach the page, not a control focused earlier (a select would eat "e").
-    if (document.activeElement instanceof HTMLElement && document.activeElement !== canvas) document.activeElement.blur();
-    try { canvas.setPointerCapture(e.pointerId); } catch { /* synthetic or already gone */ }
-    // A stylus' eraser end (button 5) erases whatever tool is selected.
-    const tool = e.pointerType === "pen" && (e.button === 5 || (e.buttons & 32)) ? "eraser" : prefs.tool;
-    active = { pointerId: e.pointerId, stroke: { tool, width: prefs.widths[tool], points: [toFrame(e)] } };
-    clearTimeout(searchTimer); // no search in the middle of a stroke
-    ui.hint.hidden = true;
-    paint(active.stroke);
-  });
-
-  canvas.addEventListener("pointermove", (e) => {
-    if (!active || e.pointerId !== active.pointerId) return;
-    e.preventDefault();
-    const pts = active.stroke.points;
-    const before = pts.length;
-    const events = typeof e.getCoalescedEvents === "function" ? e.getCoalescedEvents() : [];
-    for (const ev of events.length ? events : [e]) {
-      const p = toFrame(ev);
-      const last = pts[pts.length - 1];
-      if (Math.hypot(p[0] - last[0], p[1] - last[1]) >= MIN_STEP) pts.push(p);
-    }
-    if (pts.length > before) paint(active.stroke, before);
-  });
-
-  function endStroke(e) {
-    if (!active || e.pointerId !== active.pointerId) return;
-    const { stroke } = active;
-    active = null;
-    doc.actions.push(stroke);
-    doc.redo = [];
-    changed();
-  }
-  canvas.addEventListener("pointerup", endStroke);
-  canvas.addEventListener("pointercancel", endStroke); // keep what was drawn before the cancel
-  canvas.addEventListener("lostpointercapture", endStroke);
-  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
-
-  // ---- commands ------------------------------------------------------------------------------
-  function changed() {
-    save();
+// ---- canvas: size, coordinates, drawing ----------------------------------------------------
+/** Match the backing store to the CSS size times devicePixelRatio, then redraw from the model. */
+function fitCanvas() {
+  const rect = canvas.getBoundingClientRect();
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(1, Math.round(rect.width * dpr));
+  const h = Math.max(1, Math.round(rect.height * dpr));
+  if (canvas.width !== w || canvas.height !== h) {
+    canvas.width = w;
+    canvas.height = h;
     redraw();
-    updateControls();
-    query = dropFileQuery();
-    scheduleSearch();
   }
+}
 
-  function undo() {
-    if (active || !doc.actions.length) return;
-    doc.redo.push(doc.actions.pop());
-    changed();
-  }
+function watchPixelRatio() {
+  const mq = window.matchMedia(`(resolution: ${window.devicePixelRatio || 1}dppx)`);
+  mq.addEventListener("change", () => { fitCanvas(); watchPixelRatio(); }, { once: true });
+}
 
-  function redo() {
-    if (active || !doc.redo.length) return;
-    doc.actions.push(doc.redo.pop());
-    changed();
-  }
+/** A pointer event's position in the drawing frame, clamped to the visible canvas. */
+const frameOf = (e) => toFrame(e.clientX, e.clientY, canvas.getBoundingClientRect());
 
-  function clearDrawing() {
-    if (active || !visibleStrokes().length) return;
-    doc.actions.push({ clear: true });
-    doc.redo = [];
-    changed();
-  }
-
-  function setTool(tool) {
-    prefs.tool = tool;
-    save();
-    updateControls();
-  }
-
-  function setWidth(w) {
-    prefs.widths[prefs.tool] = Math.min(Number(ui.width.max), Math.max(Number(ui.width.min), Math.round(w)));
-    save();
-    updateControls();
-  }
-
-  function updateControls() {
-    const strokes = visibleStrokes();
-    const n = strokes.length;
-    const pens = strokes.filter((s) => s.tool === "pen").length;
-    ui.pen.setAttribute("aria-pressed", String(prefs.tool === "pen"));
-    ui.eraser.setAttribute("aria-pressed", String(prefs.tool === "eraser"));
-    ui.stage.classList.toggle("erasing", prefs.tool === "eraser");
-    ui.width.setAttribute("aria-label", prefs.tool === "pen" ? "Pen width" : "Eraser width");
-    ui.width.value = String(prefs.widths[prefs.tool]);
-    ui.widthValue.textContent = String(prefs.widths[prefs.tool]);
-    ui.undo.disabled = doc.actions.length === 0;
-    ui.redo.disabled = doc.redo.length === 0;
-    ui.clear.disabled = n === 0;
-    ui.hint.hidden = n > 0 || !!active;
-    const text = n === 0 ? "No strokes yet" : `${n} stroke${n === 1 ? "" : "s"}` +
-      (n > pens ? ` (${n - pens} eraser)` : "");
-    ui.count.textContent = text;
-    canvas.dataset.strokes = String(n);
-    canvas.setAttribute("aria-label", n === 0 ? "Drawing canvas, empty" : `Drawing canvas, ${text}`);
-  }
-
-  ui.pen.addEventListener("click", () => setTool("pen"));
-  ui.eraser.addEventListener("click", () => setTool("eraser"));
-  ui.width.addEventListener("input", () => setWidth(Number(ui.width.value)));
-  ui.undo.addEventListener("click", undo);
-  ui.redo.addEventListener("click", redo);
-  ui.clear.addEventListener("click", clearDrawing);
-
-  document.addEventListener("keydown", (e) => {
-    const t = e.target;
-    const typing = t instanceof Element &&
-      !!t.closest("textarea, select, [contenteditable], input:not([type=range]):not([type=button]):not([type=file])");
-    const key = e.key.toLowerCase();
-    if ((e.ctrlKey || e.metaKey) && !e.altKey) {
-      if (typing) return;
-      if (key === "z" && !e.shiftKey) undo();
-      else if ((key === "z" && e.shiftKey) || (key === "y" && !e.shiftKey)) redo();
-      else return;
-      e.preventDefault();
-      return;
+/** Draw `stroke` from point `from` on (0: all of it; more: only the newest segments). */
+function paint(stroke, from = 0) {
+  const sx = canvas.width / FRAME;
+  const sy = canvas.height / FRAME;
+  const pts = stroke.points;
+  ctx.globalCompositeOperation = stroke.tool === "eraser" ? "destination-out" : "source-over";
+  ctx.strokeStyle = INK;
+  ctx.fillStyle = INK;
+  ctx.lineWidth = stroke.width * sx;
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  if (pts.length === 1 || from >= pts.length - 1) {
+    const [x, y] = pts[pts.length - 1];
+    if (pts.length === 1) {
+      ctx.beginPath();
+      ctx.arc(x * sx, y * sy, (stroke.width * sx) / 2, 0, Math.PI * 2);
+      ctx.fill();
     }
-    if (typing || e.altKey || (e.repeat && (key === "delete" || key === "backspace"))) return;
-    if (key === "p") setTool("pen");
-    else if (key === "e") setTool("eraser");
-    else if (key === "[") setWidth(prefs.widths[prefs.tool] - 2);
-    else if (key === "]") setWidth(prefs.widths[prefs.tool] + 2);
-    else if (key === "delete" || key === "backspace") clearDrawing();
+    return;
+  }
+  ctx.beginPath();
+  const start = Math.max(0, from - 1);
+  ctx.moveTo(pts[start][0] * sx, pts[start][1] * sy);
+  for (let i = start + 1; i < pts.length; i++) ctx.lineTo(pts[i][0] * sx, pts[i][1] * sy);
+  ctx.stroke();
+}
+
+function redraw() {
+  ctx.globalCompositeOperation = "source-over";
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  for (const s of visibleStrokes()) paint(s);
+  if (active) paint(active.stroke);
+}
+
+// ---- pointer input (mouse, touch, stylus) --------------------------------------------------
+canvas.addEventListener("pointerdown", (e) => {
+  if (active || (e.pointerType === "mouse" && e.button !== 0)) return;
+  e.preventDefault(); // no text selection, no focus change, no emulated mouse events
+  // Shortcuts should reach the page, not a control focused earlier (a select would eat "e").
+  if (document.activeElement instanceof HTMLElement && document.activeElement !== canvas) document.activeElement.blur();
+  try { canvas.setPointerCapture(e.pointerId); } catch { /* synthetic or already gone */ }
+  // A stylus' eraser end (button 5) erases whatever tool is selected.
+  const tool = e.pointerType === "pen" && (e.button === 5 || (e.buttons & 32)) ? "eraser" : prefs.tool;
+  active = { pointerId: e.pointerId, stroke: { tool, width: prefs.widths[tool], points: [frameOf(e)] } };
+  clearTimeout(searchTimer); // no search in the middle of a stroke
+  ui.hint.hidden = true;
+  paint(active.stroke);
+});
+
+canvas.addEventListener("pointermove", (e) => {
+  if (!active || e.pointerId !== active.pointerId) return;
+  e.preventDefault();
+  const pts = active.stroke.points;
+  const before = pts.length;
+  const events = typeof e.getCoalescedEvents === "function" ? e.getCoalescedEvents() : [];
+  for (const ev of events.length ? events : [e]) {
+    const p = frameOf(ev);
+    const last = pts[pts.length - 1];
+    if (Math.hypot(p[0] - last[0], p[1] - last[1]) >= MIN_STEP) pts.push(p);
+  }
+  if (pts.length > before) paint(active.stroke, before);
+});
+
+function endStroke(e) {
+  if (!active || e.pointerId !== active.pointerId) return;
+  const { stroke } = active;
+  active = null;
+  doc.actions.push(stroke);
+  doc.redo = [];
+  changed();
+}
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke); // keep what was drawn before the cancel
+canvas.addEventListener("lostpointercapture", endStroke);
+canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+
+// ---- commands ------------------------------------------------------------------------------
+function changed() {
+  save();
+  redraw();
+  updateControls();
+  query = dropFileQuery();
+  scheduleSearch();
+}
+
+function undo() {
+  if (active || !doc.actions.length) return;
+  doc.redo.push(doc.actions.pop());
+  changed();
+}
+
+function redo() {
+  if (active || !doc.redo.length) return;
+  doc.actions.push(doc.redo.pop());
+  changed();
+}
+
+function clearDrawing() {
+  if (active || !visibleStrokes().length) return;
+  doc.actions.push({ clear: true });
+  doc.redo = [];
+  changed();
+}
+
+function setTool(tool) {
+  prefs.tool = tool;
+  save();
+  updateControls();
+}
+
+function setWidth(w) {
+  prefs.widths[prefs.tool] = Math.min(Number(ui.width.max), Math.max(Number(ui.width.min), Math.round(w)));
+  save();
+  updateControls();
+}
+
+function updateControls() {
+  const strokes = visibleStrokes();
+  const n = strokes.length;
+  const pens = strokes.filter((s) => s.tool === "pen").length;
+  ui.pen.setAttribute("aria-pressed", String(prefs.tool === "pen"));
+  ui.eraser.setAttribute("aria-pressed", String(prefs.tool === "eraser"));
+  ui.stage.classList.toggle("erasing", prefs.tool === "eraser");
+  ui.width.setAttribute("aria-label", prefs.tool === "pen" ? "Pen width" : "Eraser width");
+  ui.width.value = String(prefs.widths[prefs.tool]);
+  ui.widthValue.textContent = String(prefs.widths[prefs.tool]);
+  ui.undo.disabled = doc.actions.length === 0;
+  ui.redo.disabled = doc.redo.length === 0;
+  ui.clear.disabled = n === 0;
+  ui.hint.hidden = n > 0 || !!active;
+  const text = n === 0 ? "No strokes yet" : `${n} stroke${n === 1 ? "" : "s"}` +
+    (n > pens ? ` (${n - pens} eraser)` : "");
+  ui.count.textContent = text;
+  canvas.dataset.strokes = String(n);
+  canvas.setAttribute("aria-label", n === 0 ? "Drawing canvas, empty" : `Drawing canvas, ${text}`);
+}
+
+ui.pen.addEventListener("click", () => setTool("pen"));
+ui.eraser.addEventListener("click", () => setTool("eraser"));
+ui.width.addEventListener("input", () => setWidth(Number(ui.width.value)));
+ui.undo.addEventListener("click", undo);
+ui.redo.addEventListener("click", redo);
+ui.clear.addEventListener("click", clearDrawing);
+
+document.addEventListener("keydown", (e) => {
+  const t = e.target;
+  const typing = t instanceof Element &&
+    !!t.closest("textarea, select, [contenteditable], input:not([type=range]):not([type=button]):not([type=file])");
+  const key = e.key.toLowerCase();
+  if ((e.ctrlKey || e.metaKey) && !e.altKey) {
+    if (typing) return;
+    if (key === "z" && !e.shiftKey) undo();
+    else if ((key === "z" && e.shiftKey) || (key === "y" && !e.shiftKey)) redo();
     else return;
     e.preventDefault();
-  });
-
-  // ---- from the drawing to the query: erasers applied, QuickDraw vectors -----------------------
-  function distToSegment(p, a, b) {
-    const dx = b[0] - a[0];
-    const dy = b[1] - a[1];
-    const len2 = dx * dx + dy * dy;
-    let t = len2 ? ((p[0] - a[0]) * dx + (p[1] - a[1]) * dy) / len2 : 0;
-    t = Math.max(0, Math.min(1, t));
-    return Math.hypot(p[0] - (a[0] + t * dx), p[1] - (a[1] + t * dy));
+    return;
   }
+  if (typing || e.altKey || (e.repeat && (key === "delete" || key === "backspace"))) return;
+  if (key === "p") setTool("pen");
+  else if (key === "e") setTool("eraser");
+  else if (key === "[") setWidth(prefs.widths[prefs.tool] - 2);
+  else if (key === "]") setWidth(prefs.widths[prefs.tool] + 2);
+  else if (key === "delete" || key === "backspace") clearDrawing();
+  else return;
+  e.preventDefault();
+});
 
-  function bounds(points, pad) {
-    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-    for (const [x, y] of points) {
-      x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x); y1 = Math.max(y1, y);
-    }
-    return [x0 - pad, y0 - pad, x1 + pad, y1 + pad];
+// ---- search ----------------------------------------------------------------------------------
+function dropFileQuery() {
+  if (query.kind === "file" && query.previewUrl) URL.revokeObjectURL(query.previewUrl);
+  return { kind: "drawing" };
+}
+
+function scheduleSearch(delay = SEARCH_DELAY_MS) {
+  clearTimeout(searchTimer);
+  clearTimeout(retryTimer);
+  retryDelay = 0;
+  searchTimer = setTimeout(search, delay);
+}
+
+function currentK() {
+  const k = prefs.k || limits.default_k;
+  return Math.max(1, Math.min(k, limits.max_k));
+}
+
+function search() {
+  clearTimeout(searchTimer);
+  clearTimeout(retryTimer);
+  if (query.kind === "file") {
+    const form = new FormData();
+    form.append("file", query.file, query.file.name || "sketch.png");
+    send(form, `your file ${query.file.name || "(unnamed)"}`);
+    return;
   }
-
-  const overlaps = (a, b) => a[0] <= b[2] && b[0] <= a[2] && a[1] <= b[3] && b[1] <= a[3];
-  const inside = (p, b) => p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3];
-
-  function underEraser(p, eraser) {
-    if (!inside(p, eraser.box)) return false;
-    const pts = eraser.points;
-    if (pts.length === 1) return Math.hypot(p[0] - pts[0][0], p[1] - pts[0][1]) <= eraser.r;
-    for (let i = 1; i < pts.length; i++) if (distToSegment(p, pts[i - 1], pts[i]) <= eraser.r) return true;
-    return false;
-  }
-
-  /** Points at most `step` apart along the polyline. */
-  function resample(points, step) {
-    const out = [points[0]];
-    for (let i = 1; i < points.length; i++) {
-      const [ax, ay] = points[i - 1];
-      const [bx, by] = points[i];
-      const n = Math.max(1, Math.ceil(Math.hypot(bx - ax, by - ay) / step));
-      for (let j = 1; j <= n; j++) out.push([ax + ((bx - ax) * j) / n, ay + ((by - ay) * j) / n]);
-    }
-    return out;
-  }
-
-  /** The parts of a pen stroke that no later eraser stroke covers (a point is erased when the
-   * eraser's disc covers the pen line's centre there). */
-  function cutByErasers(stroke, erasers) {
-    const box = bounds(stroke.points, stroke.width / 2);
-    const hits = erasers.filter((e) => overlaps(box, e.box));
-    if (!hits.length) return [stroke.points];
-    const step = Math.max(0.5, Math.min(2, ...hits.map((e) => e.r / 2)));
-    const pieces = [];
-    let run = [];
-    for (const p of resample(stroke.points, step)) {
-      if (hits.some((e) => underEraser(p, e))) {
-        if (run.length) pieces.push(run);
-        run = [];
-      } else {
-        run.push(p);
-      }
-    }
-    if (run.length) pieces.push(run);
-    return pieces;
-  }
-
-  /** Ramer-Douglas-Peucker, iterative. */
-  function simplify(points, eps) {
-    if (points.length < 3) return points.slice();
-    const keep = new Uint8Array(points.length);
-    keep[0] = keep[points.length - 1] = 1;
-    const stack = [[0, points.length - 1]];
-    while (stack.length) {
-      const [a, b] = stack.pop();
-      let worst = -1, index = -1;
-      for (let i = a + 1; i < b; i++) {
-        const d = distToSegment(points[i], points[a], points[b]);
-        if (d > worst) { worst = d; index = i; }
-      }
-      if (worst > eps) {
-        keep[index] = 1;
-        stack.push([a, index], [index, b]);
-      }
-    }
-    return points.filter((_, i) => keep[i]);
-  }
-
-  /** The visible drawing as QuickDraw simplified strokes [[x...], [y...]]: every pen stroke minus
-   * what later eraser strokes covered; the eraser strokes themselves are not sent. */
-  function queryStrokes(strokes) {
-    const out = [];
-    strokes.forEach((s, i) => {
-      if (s.tool !== "pen") return;
-      const erasers = strokes.slice(i + 1).filter((e) => e.tool === "eraser")
-        .map((e) => ({ points: e.points, r: e.width / 2, box: bounds(e.points, e.width / 2) }));
-      for (const piece of cutByErasers(s, erasers)) {
-        const pts = simplify(piece, SIMPLIFY);
-        const r = (v) => Math.round(v * 10) / 10;
-        out.push([pts.map((p) => r(p[0])), pts.map((p) => r(p[1]))]);
-      }
-    });
-    return out;
-  }
-
-  // ---- search ----------------------------------------------------------------------------------
-  function dropFileQuery() {
-    if (query.kind === "file" && query.previewUrl) URL.revokeObjectURL(query.previewUrl);
-    return { kind: "drawing" };
-  }
-
-  function scheduleSearch(delay = SEARCH_DELAY_MS) {
-    clearTimeout(searchTimer);
-    clearTimeout(retryTimer);
-    retryDelay = 0;
-    searchTimer = setTimeout(search, delay);
-  }
-
-  function currentK() {
-    const k = prefs.k || limits.default_k;
-    return Math.max(1, Math.min(k, limits.max_k));
-  }
-
-  function search() {
-    clearTimeout(searchTimer);
-    clearTimeout(retryTimer);
-    if (query.kind === "file") {
-      const form = new FormData();
-      form.append("file", query.file, query.file.name || "sketch.png");
-      send(form, `your file ${query.file.name || "(unnamed)"}`);
-      return;
-    }
-    const strokes = visibleStrokes();
-    const vectors = queryStrokes(strokes);
-    if (!vectors.length) {
-      if (inFlight) inFlight.abort();
-      inFlight = null;
-      sequence++;
-      showResults(null);
-      setStatus(strokes.length ? "Everything is erased: nothing to search." : "Draw something to search.");
-      return;
-    }
-    const n = strokes.length;
-    send(JSON.stringify({ strokes: vectors }), `your drawing (${n} stroke${n === 1 ? "" : "s"})`, "application/json");
-  }
-
-  async function send(body, what, contentType) {
-    if (inFlight) inFlight.abort(); // a newer query makes the running one stale
-    const controller = new AbortController();
-    inFlight = controller;
-    const mine = ++sequence;
-    const started = performance.now();
-    let timedOut = false;
-    const timer = setTimeout(() => { timedOut = true; controller.abort(); }, SEARCH_TIMEOUT_MS);
-    setStatus(`Searching with ${what}…`, "busy");
-    ui.grid.setAttribute("aria-busy", "true");
-    let res;
-    let data = null;
-    try {
-      const headers = contentType ? { "Content-Type": contentType } : {};
-      res = await fetch(`search?k=${currentK()}`, { method: "POST", body, headers, signal: controller.signal });
-      try { data = await res.json(); } catch (err) { if (err.name === "AbortError") throw err; }
-    } catch (err) {
-      if ((err.name === "AbortError" && !timedOut) || mine !== sequence) return;
-      ui.grid.removeAttribute("aria-busy");
-      setStatus(timedOut
-        ? `The server did not answer within ${SEARCH_TIMEOUT_MS / 1000} s. Your drawing is kept.`
-        : `Cannot reach the server (${err.message}). Your drawing is kept; retry when the server is back.`,
-      "error", true);
-      infoStale = true;
-      return;
-    } finally {
-      clearTimeout(timer);
-    }
-    if (mine !== sequence) return;
+  const strokes = visibleStrokes();
+  const vectors = queryStrokes(strokes);
+  if (!vectors.length) {
+    if (inFlight) inFlight.abort();
     inFlight = null;
+    sequence++;
+    showResults(null);
+    setStatus(strokes.length ? "Everything is erased: nothing to search." : "Draw something to search.");
+    return;
+  }
+  const n = strokes.length;
+  send(JSON.stringify({ strokes: vectors }), `your drawing (${n} stroke${n === 1 ? "" : "s"})`, "application/json");
+}
+
+async function send(body, what, contentType) {
+  if (inFlight) inFlight.abort(); // a newer query makes the running one stale
+  const controller = new AbortController();
+  inFlight = controller;
+  const mine = ++sequence;
+  const started = performance.now();
+  let timedOut = false;
+  const timer = setTimeout(() => { timedOut = true; controller.abort(); }, SEARCH_TIMEOUT_MS);
+  setStatus(`Searching with ${what}…`, "busy");
+  ui.grid.setAttribute("aria-busy", "true");
+  let res;
+  let data = null;
+  try {
+    const headers = contentType ? { "Content-Type": contentType } : {};
+    res = await fetch(`search?k=${currentK()}`, { method: "POST", body, headers, signal: controller.signal });
+    try { data = await res.json(); } catch (err) { if (err.name === "AbortError") throw err; }
+  } catch (err) {
+    if ((err.name === "AbortError" && !timedOut) || mine !== sequence) return;
     ui.grid.removeAttribute("aria-busy");
-    const rtt = performance.now() - started;
-    if (!res.ok) {
-      const message = (data && data.error && data.error.message) || `${res.status} ${res.statusText || "error"}`;
-      const code = data && data.error && data.error.code;
-      if (res.status === 503) {
-        retryDelay = Math.min(RETRY_MAX_MS, Math.max(1000, Number(res.headers.get("Retry-After")) * 1000 || 1000,
-          retryDelay * 2));
-        const what503 = code === "not-ready" ? "Nothing is indexed yet" : "The server is busy";
-        setStatus(`${what503}: ${message}. Retrying in ${Math.round(retryDelay / 1000)} s.`, "error", true);
-        retryTimer = setTimeout(search, retryDelay);
-        loadInfo();
-      } else {
-        setStatus(`The server refused the search (${res.status}): ${message}`, "error", query.kind === "drawing");
-      }
-      return;
+    setStatus(timedOut
+      ? `The server did not answer within ${SEARCH_TIMEOUT_MS / 1000} s. Your drawing is kept.`
+      : `Cannot reach the server (${err.message}). Your drawing is kept; retry when the server is back.`,
+    "error", true);
+    infoStale = true;
+    return;
+  } finally {
+    clearTimeout(timer);
+  }
+  if (mine !== sequence) return;
+  inFlight = null;
+  ui.grid.removeAttribute("aria-busy");
+  const rtt = performance.now() - started;
+  if (!res.ok) {
+    const message = (data && data.error && data.error.message) || `${res.status} ${res.statusText || "error"}`;
+    const code = data && data.error && data.error.code;
+    if (res.status === 503) {
+      retryDelay = Math.min(RETRY_MAX_MS, Math.max(1000, Number(res.headers.get("Retry-After")) * 1000 || 1000,
+        retryDelay * 2));
+      const what503 = code === "not-ready" ? "Nothing is indexed yet" : "The server is busy";
+      setStatus(`${what503}: ${message}. Retrying in ${Math.round(retryDelay / 1000)} s.`, "error", true);
+      retryTimer = setTimeout(search, retryDelay);
+      loadInfo();
+    } else {
+      setStatus(`The server refused the search (${res.status}): ${message}`, "error", query.kind === "drawing");
     }
-    if (!data || !Array.isArray(data.results)) {
-      setStatus(`The server's answer is not a search result (${res.status}).`, "error", true);
-      return;
-    }
-    retryDelay = 0;
-    showResults(data, what);
-    const n = data.results.length;
-    setStatus(n ? `${n} photo${n === 1 ? "" : "s"} for ${what}.` : `No photos matched ${what}.`);
-    const server = data.timings_ms && data.timings_ms.total;
-    ui.timing.textContent = `Last search ${Math.round(rtt)} ms` +
-      (Number.isFinite(server) ? ` (server ${Math.round(server)} ms)` : "") + ".";
-    if (infoStale || !info || !info.snapshot || info.snapshot.id !== data.snapshot) loadInfo();
+    return;
   }
-
-  function setStatus(text, kind = "", retry = false) {
-    ui.statusText.textContent = text;
-    ui.status.className = `status ${kind}`;
-    ui.retry.hidden = !retry;
+  if (!data || !Array.isArray(data.results)) {
+    setStatus(`The server's answer is not a search result (${res.status}).`, "error", true);
+    return;
   }
+  retryDelay = 0;
+  showResults(data, what);
+  const n = data.results.length;
+  setStatus(n ? `${n} photo${n === 1 ? "" : "s"} for ${what}.` : `No photos matched ${what}.`);
+  const server = data.timings_ms && data.timings_ms.total;
+  ui.timing.textContent = `Last search ${Math.round(rtt)} ms` +
+    (Number.isFinite(server) ? ` (server ${Math.round(server)} ms)` : "") + ".";
+  if (infoStale || !info || !info.snapshot || info.snapshot.id !== data.snapshot) loadInfo();
+}
 
-  ui.retry.addEventListener("click", () => { retryDelay = 0; search(); });
+function setStatus(text, kind = "", retry = false) {
+  ui.statusText.textContent = text;
+  ui.status.className = `status ${kind}`;
+  ui.retry.hidden = !retry;
+}
 
-  // ---- results -------------------------------------------------------------------------------
-  function photoId(result) {
-    // Ids exceed 2^53: take the exact digits from the URL, never from the parsed number.
-    try { return new URL(result.url, location.href).pathname.split("/").pop(); } catch { return String(result.id); }
-  }
+ui.retry.addEventListener("click", () => { retryDelay = 0; search(); });
 
-  function label(md, rank) {
-    for (const key of ["name", "label", "title", "class", "category"]) {
-      if (typeof md[key] === "string" && md[key].trim()) return md[key];
-    }
-    return `Photo ${rank}`;
-  }
-
-  function tile(result) {
-    const md = result.metadata && typeof result.metadata === "object" ? result.metadata : {};
-    const id = encodeURIComponent(photoId(result));
-    const size = Math.min(limits.max_thumbnail, THUMB_CSS_PX);
-    const size2 = Math.min(limits.max_thumbnail, THUMB_CSS_PX * 2);
-    const li = document.createElement("li");
-    li.className = "tile";
-    const a = document.createElement("a");
-    a.href = `photos/${id}`;
-    a.target = "_blank";
-    a.rel = "noopener";
-    const name = label(md, result.rank);
-    a.title = [`#${result.rank} · score ${Number(result.score).toFixed(3)}`,
-      ...Object.entries(md).map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`)].join("\n");
+// ---- results -------------------------------------------------------------------------------
+function showResults(data, what = "") {
+  const results = data ? data.results : [];
+  ui.grid.replaceChildren(...results.map((r) => tile(r, limits.max_thumbnail)));
+  ui.grid.dataset.snapshot = data ? data.snapshot : "";
+  ui.empty.hidden = results.length > 0;
+  ui.empty.textContent = data ? "No photos matched." : "The photos that match your sketch appear here, best first.";
+  const k = currentK();
+  const total = info && info.snapshot ? info.snapshot.photos : Infinity;
+  ui.more.hidden = !data || results.length < k || k >= limits.max_k || k >= total;
+  ui.query.replaceChildren();
+  if (data && query.kind === "file") {
     const img = document.createElement("img");
-    img.src = `photos/${id}?size=${size}`;
-    if (size2 > size) img.srcset = `photos/${id}?size=${size} 1x, photos/${id}?size=${size2} 2x`;
-    img.alt = name;
-    img.decoding = "async";
-    img.addEventListener("error", () => li.classList.add("broken"));
-    const cap = document.createElement("span");
-    cap.className = "caption";
-    const rank = document.createElement("span");
-    rank.className = "rank";
-    rank.textContent = `#${result.rank}`;
-    const nm = document.createElement("span");
-    nm.className = "name";
-    nm.textContent = name;
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = Number(result.score).toFixed(3);
-    score.title = "cosine similarity (higher is closer)";
-    const meta = document.createElement("span");
-    meta.className = "meta";
-    meta.append(rank, score);
-    cap.append(nm, meta);
-    a.append(img, cap);
-    li.append(a);
-    return li;
+    img.src = query.previewUrl;
+    img.alt = "";
+    ui.query.append(img);
   }
+  if (data) ui.query.append(document.createTextNode(`for ${what}`));
+}
 
-  function showResults(data, what = "") {
-    const results = data ? data.results : [];
-    ui.grid.replaceChildren(...results.map(tile));
-    ui.grid.dataset.snapshot = data ? data.snapshot : "";
-    ui.empty.hidden = results.length > 0;
-    ui.empty.textContent = data ? "No photos matched." : "The photos that match your sketch appear here, best first.";
-    const k = currentK();
-    const total = info && info.snapshot ? info.snapshot.photos : Infinity;
-    ui.more.hidden = !data || results.length < k || k >= limits.max_k || k >= total;
-    ui.query.replaceChildren();
-    if (data && query.kind === "file") {
-      const img = document.createElement("img");
-      img.src = query.previewUrl;
-      img.alt = "";
-      ui.query.append(img);
-    }
-    if (data) ui.query.append(document.createTextNode(`for ${what}`));
-  }
+// ---- k -------------------------------------------------------------------------------------
+function kOptions() {
+  const opts = new Set([8, 16, limits.default_k, 48, 96, limits.max_k].filter((k) => k >= 1 && k <= limits.max_k));
+  if (prefs.k && prefs.k <= limits.max_k) opts.add(prefs.k);
+  return [...opts].sort((a, b) => a - b);
+}
 
-  // ---- k -------------------------------------------------------------------------------------
-  function kOptions() {
-    const opts = new Set([8, 16, limits.default_k, 48, 96, limits.max_k].filter((k) => k >= 1 && k <= limits.max_k));
-    if (prefs.k && prefs.k <= limits.max_k) opts.add(prefs.k);
-    return [...opts].sort((a, b) => a - b);
-  }
+function fillK() {
+  const k = currentK();
+  ui.k.replaceChildren(...kOptions().map((v) => {
+    const o = document.createElement("option");
+    o.value = String(v);
+    o.textContent = `${v} photos`;
+    o.selected = v === k;
+    return o;
+  }));
+}
 
-  function fillK() {
-    const k = currentK();
-    ui.k.replaceChildren(...kOptions().map((v) => {
-      const o = document.createElement("option");
-      o.value = String(v);
-      o.textContent = `${v} photos`;
-      o.selected = v === k;
-      return o;
-    }));
-  }
-
-  function setK(k) {
-    prefs.k = k;
-    save();
-    fillK();
-    search();
-  }
-
-  ui.k.addEventListener("change", () => setK(Number(ui.k.value)));
-  ui.more.addEventListener("click", () => {
-    const k = currentK();
-    const next = kOptions().find((v) => v > k);
-    if (next) setK(next);
-  });
-
-  // ---- uploads -------------------------------------------------------------------------------
-  function searchFile(file) {
-    if (!file) return;
-    dropFileQuery();
-    query = { kind: "file", file, previewUrl: URL.createObjectURL(file) };
-    search();
-  }
-
-  ui.upload.addEventListener("click", () => ui.file.click());
-  ui.file.addEventListener("change", () => {
-    searchFile(ui.file.files[0]);
-    ui.file.value = ""; // the same file can be chosen again
-  });
-  for (const type of ["dragenter", "dragover"]) {
-    ui.stage.addEventListener(type, (e) => {
-      if (!e.dataTransfer || ![...e.dataTransfer.types].includes("Files")) return;
-      e.preventDefault();
-      e.dataTransfer.dropEffect = "copy";
-      ui.stage.classList.add("dropping");
-    });
-  }
-  ui.stage.addEventListener("dragleave", () => ui.stage.classList.remove("dropping"));
-  ui.stage.addEventListener("drop", (e) => {
-    e.preventDefault();
-    ui.stage.classList.remove("dropping");
-    searchFile(e.dataTransfer && e.dataTransfer.files[0]);
-  });
-
-  // ---- what am I looking at: GET /info -----------------------------------------------------------
-  async function loadInfo() {
-    let data;
-    try {
-      const res = await fetch("info", { cache: "no-store" });
-      data = await res.json();
-    } catch (err) {
-      ui.serving.textContent = `Cannot reach the server (${err.message}).`;
-      infoStale = true;
-      return;
-    }
-    info = data;
-    infoStale = false;
-    if (data.limits) limits = { ...limits, ...data.limits };
-    fillK();
-    if (!data.ready || !data.snapshot) {
-      const err = data.last_reload_error; // {snapshot, at, reason, message}
-      const why = err && (typeof err === "object" ? err.message : String(err));
-      ui.serving.textContent = "No snapshot is served yet" +
-        (why ? `: ${why}` : " (waiting for an index to be published).");
-      return;
-    }
-    const m = data.model || {};
-    const backbone = m.backbone && typeof m.backbone === "object" ? m.backbone.name : m.backbone;
-    const parts = [backbone, m.embedding, m.dim && `${m.dim}-d`, m.device].filter(Boolean).join(", ");
-    ui.serving.textContent = `Snapshot ${data.snapshot.id} · model ${String(m.sha256 || "?").slice(0, 12)}` +
-      (parts ? ` (${parts})` : "") + ` · ${Number(data.snapshot.photos).toLocaleString("en")} photos indexed.`;
-  }
-
-  // ---- start -----------------------------------------------------------------------------------
-  restore();
-  updateControls();
+function setK(k) {
+  prefs.k = k;
+  save();
   fillK();
-  new ResizeObserver(fitCanvas).observe(canvas);
-  window.addEventListener("resize", fitCanvas);
-  watchPixelRatio();
-  fitCanvas();
-  loadInfo().then(() => {
-    if (visibleStrokes().length) scheduleSearch(0);
+  search();
+}
+
+ui.k.addEventListener("change", () => setK(Number(ui.k.value)));
+ui.more.addEventListener("click", () => {
+  const k = currentK();
+  const next = kOptions().find((v) => v > k);
+  if (next) setK(next);
+});
+
+// ---- uploads -------------------------------------------------------------------------------
+function searchFile(file) {
+  if (!file) return;
+  dropFileQuery();
+  query = { kind: "file", file, previewUrl: URL.createObjectURL(file) };
+  search();
+}
+
+ui.upload.addEventListener("click", () => ui.file.click());
+ui.file.addEventListener("change", () => {
+  searchFile(ui.file.files[0]);
+  ui.file.value = ""; // the same file can be chosen again
+});
+for (const type of ["dragenter", "dragover"]) {
+  ui.stage.addEventListener(type, (e) => {
+    if (!e.dataTransfer || ![...e.dataTransfer.types].includes("Files")) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = "copy";
+    ui.stage.classList.add("dropping");
   });
-  setInterval(() => { if (document.visibilityState === "visible") loadInfo(); }, INFO_POLL_MS);
-})();
+}
+ui.stage.addEventListener("dragleave", () => ui.stage.classList.remove("dropping"));
+ui.stage.addEventListener("drop", (e) => {
+  e.preventDefault();
+  ui.stage.classList.remove("dropping");
+  searchFile(e.dataTransfer && e.dataTransfer.files[0]);
+});
+
+// ---- what am I looking at: GET /info -----------------------------------------------------------
+async function loadInfo() {
+  let data;
+  try {
+    const res = await fetch("info", { cache: "no-store" });
+    data = await res.json();
+  } catch (err) {
+    ui.serving.textContent = `Cannot reach the server (${err.message}).`;
+    infoStale = true;
+    return;
+  }
+  info = data;
+  infoStale = false;
+  if (data.limits) limits = { ...limits, ...data.limits };
+  fillK();
+  if (!data.ready || !data.snapshot) {
+    const err = data.last_reload_error; // {snapshot, at, reason, message}
+    const why = err && (typeof err === "object" ? err.message : String(err));
+    ui.serving.textContent = "No snapshot is served yet" +
+      (why ? `: ${why}` : " (waiting for an index to be published).");
+    return;
+  }
+  const m = data.model || {};
+  const backbone = m.backbone && typeof m.backbone === "object" ? m.backbone.name : m.backbone;
+  const parts = [backbone, m.embedding, m.dim && `${m.dim}-d`, m.device].filter(Boolean).join(", ");
+  ui.serving.textContent = `Snapshot ${data.snapshot.id} · model ${String(m.sha256 || "?").slice(0, 12)}` +
+    (parts ? ` (${parts})` : "") + ` · ${Number(data.snapshot.photos).toLocaleString("en")} photos indexed.`;
+}
+
+// ---- start -----------------------------------------------------------------------------------
+restore();
+updateControls();
+fillK();
+new ResizeObserver(fitCanvas).observe(canvas);
+window.addEventListener("resize", fitCanvas);
+watchPixelRatio();
+fitCanvas();
+loadInfo().then(() => {
+  if (visibleStrokes().length) scheduleSearch(0);
+});
+setInterval(() => { if (document.visibilityState === "visible") loadInfo(); }, INFO_POLL_MS);
