@@ -111,8 +111,8 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
 
     from index_builder import faiss_index
     from index_builder.snapshot import SnapshotWriter
+    from model.ground.files import sha256_file
     from model.pipeline import SBIRModel
-    from sbir_ground.files import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or untrained_checkpoint(out / "untrained-model")

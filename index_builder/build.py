@@ -43,8 +43,8 @@ from index_builder.snapshot import (
     read_current,
     read_photo_store,
 )
-from sbir_ground.errors import UserError
-from sbir_ground.files import write_text_atomic
+from model.ground.errors import UserError
+from model.ground.files import write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -704,7 +704,7 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
     import faiss
     import torch
 
-    from sbir_ground import __version__
+    from model.ground import __version__
 
     backbone = config.get("backbone", {})
     return {

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.ground.errors import UserError
 from model.images import IMAGE_SUFFIXES
-from sbir_ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.collection import PhotoRecord, Skipped
-from sbir_ground.files import sha256_file, usable_cores, write_atomic
+from model.ground.files import sha256_file, usable_cores, write_atomic
 
 LOG = logging.getLogger(__name__)
 

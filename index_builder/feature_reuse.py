@@ -18,8 +18,8 @@ from index_builder.build import job_dir_of
 from index_builder.embed import EmbeddingCache
 from model.data.dataset import Record, resolve_path
 from model.features import FeatureSet
+from model.ground.files import sha256_file
 from model.pipeline import SBIRModel, checkpoint_sha256
-from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from index_builder.embed import (
     encode_block,
     load_photo_encoder,
 )
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model.ground.errors import UserError
+from model.ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 from model.rerank import RerankConfig, rerank, split_rows
-from sbir_ground.errors import UserError
-from sbir_ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 

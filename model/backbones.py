@@ -26,8 +26,8 @@ from PIL import Image
 from torch import nn
 
 from model.defaults import DEFAULT_BACKBONE
+from model.ground.files import sha256_file
 from model.images import pad_to_square
-from sbir_ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 

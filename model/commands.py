@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 from model.defaults import DEFAULT_BACKBONE
-from sbir_ground.errors import UserError
-from sbir_ground.files import sha256_file
+from model.ground.errors import UserError
+from model.ground.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 

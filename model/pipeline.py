@@ -208,7 +208,7 @@ class SBIRModel:
         """
         from safetensors.torch import load_file
 
-        from sbir.errors import UserError
+        from model.ground.errors import UserError
 
         ckpt_dir = Path(ckpt_dir)
         cfg_path, w_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbir_ground.files import write_bytes_atomic, write_text_atomic
+from model.ground.files import write_bytes_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 

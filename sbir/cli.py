@@ -11,8 +11,8 @@ import importlib
 import logging
 import sys
 
-from sbir_ground import __version__
-from sbir_ground.errors import UserError
+from model.ground import __version__
+from model.ground.errors import UserError
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (

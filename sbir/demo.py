@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _gallery_manifest(data: Path, records, path: Path) -> Path:
     import csv
     import io
 
-    from sbir_ground.files import write_text_atomic
+    from model.ground.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")

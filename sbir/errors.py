@@ -1,6 +1,6 @@
-"""UserError, re-exported from the ground module (sbir_ground.errors) for code that still imports it
-from here; new code imports sbir_ground.errors."""
+"""UserError, re-exported from the ground module (model.ground.errors) for code that still imports it
+from here; new code imports model.ground.errors."""
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 __all__ = ["UserError"]

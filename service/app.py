@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sbir_ground import __version__
+from model.ground import __version__
 from service.batcher import BatcherStopped, MicroBatcher, QueueFull
 from service.deps import Service
 from service.errors import ApiError, error_body

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 # Every flag is a Settings field: its name, type, help and default come from service.settings, so a
 # default is written once. Flags default to None: only those given override the environment.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 from service.settings import Settings
 
 LOG = logging.getLogger(__name__)

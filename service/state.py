@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 from service.metrics import ServiceMetrics
 from service.serving_types import ServedModel, ServedSnapshot
 

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from model.backbones import BACKBONES, WeightsError, create_backbone
+from model.ground.files import sha256_file
 from model.images import pad_to_square
-from sbir_ground.files import sha256_file
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

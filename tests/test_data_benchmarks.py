@@ -20,8 +20,8 @@ from model.data.benchmarks import (
 from model.data.dataset import Split, list_splits, make_split, read_manifest, read_split
 from model.data.folder import build_folder
 from model.data.layout import canonical_name, letters_key, match_folders
+from model.ground.errors import UserError
 from sbir import cli
-from sbir_ground.errors import UserError
 
 
 def _image_bytes(fmt: str) -> bytes:

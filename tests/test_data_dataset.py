@@ -23,7 +23,7 @@ from model.data.dataset import (
     write_manifest,
     write_split,
 )
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 CLASSES = [f"class_{i:02d}" for i in range(40)]
 

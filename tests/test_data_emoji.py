@@ -16,7 +16,7 @@ from PIL import Image
 
 from model.data import emoji as em
 from model.data.dataset import format_dataset_summary, list_splits, read_manifest, read_split
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 LINE = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="24" fill="none" stroke="#000" stroke-width="4"/></svg>'
 BLANK = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><g id="line"/></svg>'

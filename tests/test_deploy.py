@@ -75,7 +75,7 @@ def test_dockerfile_shape():
 def test_dockerignore_keeps_the_context_small():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "data", "runs", "tests"} <= ignored
-    assert not {"pyproject.toml", "README.md", "sbir", "sbir_ground", "model", "service", "index_builder"} & ignored
+    assert not {"pyproject.toml", "README.md", "sbir", "model.ground", "model", "service", "index_builder"} & ignored
 
 
 def test_faiss_comes_from_exactly_one_extra():

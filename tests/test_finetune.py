@@ -13,9 +13,9 @@ from model.data.dataset import Record, Split, write_manifest
 from model.evaluate import evaluate_runs
 from model.features import FeatureSet, extract_features
 from model.finetune import FinetuneConfig, finetune_and_train, split_backbone, top_state
+from model.ground.errors import UserError
 from model.pipeline import SBIRModel
 from model.train import TrainConfig
-from sbir_ground.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ground module every stage shares (sbir_ground): durable writes, file hashes, usable cores."""
+"""The ground module every stage shares (model.ground): durable writes, file hashes, usable cores."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from sbir_ground import files
-from sbir_ground.errors import UserError
-from sbir_ground.files import sha256_file, usable_cores, write_atomic, write_bytes_atomic, write_text_atomic
+from model.ground import files
+from model.ground.errors import UserError
+from model.ground.files import sha256_file, usable_cores, write_atomic, write_bytes_atomic, write_text_atomic
 
 
 def test_a_write_replaces_the_file_and_syncs_its_folder(tmp_path, monkeypatch):

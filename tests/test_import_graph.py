@@ -1,4 +1,5 @@
-"""The packages import one way: sbir_ground <- model <- index_builder <- service <- sbir (the CLI).
+"""The packages import one way: model <- index_builder <- service <- sbir (the CLI); model.ground, what
+every stage shares, imports nothing of ours.
 
 The graph is read from the source with `ast`, imports inside functions included (a deferred import
 is still a dependency).
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("sbir_ground", "model", "index_builder", "service", "sbir")
-LOWER = ("sbir_ground", "model", "index_builder", "service")  # none of them may import the CLI
+PACKAGES = ("model", "index_builder", "service", "sbir")
+LOWER = ("model", "index_builder", "service")  # none of them may import the CLI
 
 
 def _modules() -> dict[str, Path]:
@@ -115,33 +116,26 @@ def test_the_cycle_finder_finds_cycles_and_only_cycles():
 
 def test_the_graph_sees_deferred_and_relative_imports():
     assert "model.pipeline" in GRAPH["index_builder.snapshot"]  # imported inside a function
-    assert "sbir_ground.errors" in GRAPH["sbir.errors"]
+    assert "model.ground.errors" in GRAPH["sbir.errors"]
 
 
-MODEL_IMPORTS_CLI = (
-    "model/data/{dataset,emoji,layout,folder,benchmarks}.py and model/pipeline.py still import sbir.errors "
-    "(issue 18 point 2, files of the lead's issue 15): switching them to sbir_ground.errors ends it"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=MODEL_IMPORTS_CLI + "; it is the only package cycle (model -> sbir -> model)")
 def test_the_packages_import_one_way():
     assert _cycles(_package_graph()) == []
 
 
-@pytest.mark.parametrize(
-    "package", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=MODEL_IMPORTS_CLI)) if p == "model" else p
-                for p in PACKAGES]
-)
+def test_the_ground_module_imports_nothing_of_ours():
+    for name, targets in GRAPH.items():
+        if name.startswith("model.ground"):
+            assert {t for t in targets if not t.startswith("model.ground")} == set(), name
+
+
+@pytest.mark.parametrize("package", PACKAGES)
 def test_each_package_imports_only_the_layers_below_it(package):
     below = set(PACKAGES[: PACKAGES.index(package)])
     assert _package_graph()[package] <= below
 
 
-@pytest.mark.parametrize(
-    "package", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=MODEL_IMPORTS_CLI)) if p == "model" else p
-                for p in LOWER]
-)
+@pytest.mark.parametrize("package", LOWER)
 def test_lower_layers_do_not_import_the_cli(package):
     offenders = sorted(
         f"{name} -> {target}"
@@ -167,7 +161,6 @@ def test_lower_layers_do_not_import_the_cli(package):
         "index_builder",
         "service",
         "sbir",
-        "sbir_ground",
     ],
 )
 def test_no_module_cycle_inside_a_package(package):

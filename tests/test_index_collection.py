@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from index_builder.collection import id_for_key, load_collection
-from sbir_ground.errors import UserError
+from model.ground.errors import UserError
 
 
 def touch_image(path, colour=(200, 30, 30)):

@@ -132,7 +132,7 @@ def ray_env(ray_cluster, monkeypatch):
 
 def test_the_actor_pool_takes_one_gpu_per_actor_or_the_cluster_cpus():
     from index_builder.ray_build import actor_pool
-    from sbir_ground.errors import UserError
+    from model.ground.errors import UserError
 
     assert actor_pool({"CPU": 8.0, "GPU": 4.0}, "auto", None, 1.0) == (
         4,

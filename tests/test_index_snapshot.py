@@ -271,7 +271,7 @@ def test_broken_manifest_current_and_missing_snapshot_are_snapshot_errors(tmp_pa
 
 def test_verify_catches_consistent_checksums_over_inconsistent_content(tmp_path, ckpt):
     """Files rewritten together with their checksums (a buggy tool, not a disk error) are still caught."""
-    from sbir_ground.files import sha256_file
+    from model.ground.files import sha256_file
 
     root = tmp_path / "index"
     sid, ids, _ = write_snapshot(root, ckpt)

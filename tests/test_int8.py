@@ -169,8 +169,8 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
 
 
 def test_int8_on_a_gpu_is_refused_before_anything_loads(untrained_checkpoint):
+    from model.ground.errors import UserError
     from model.pipeline import SBIRModel
-    from sbir_ground.errors import UserError
 
     with pytest.raises(UserError, match="int8 runs on the CPU only"):
         SBIRModel.load(untrained_checkpoint, device="cuda", cpu_precision="int8")

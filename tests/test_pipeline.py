@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from model.ground.errors import UserError
 from model.pipeline import SBIRModel, checkpoint_sha256
-from sbir_ground.errors import UserError
 
 
 def _images():

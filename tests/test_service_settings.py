@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from model.ground.errors import UserError
 from sbir.cli import build_parser
-from sbir_ground.errors import UserError
 from service.commands import settings_from_args
 from service.settings import Settings
 

@@ -36,7 +36,7 @@ from model.data.layout import (
     warn_unmatched,
     write_dataset,
 )
-from sbir.errors import UserError
+from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from sbir.errors import UserError
+from model.ground.errors import UserError
 
 MANIFEST_NAME = "manifest.csv"
 SPLITS_DIR = "splits"

@@ -45,7 +45,7 @@ from model.data.dataset import (
     split_path,
     write_manifest,
 )
-from sbir.errors import UserError
+from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

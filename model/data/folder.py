@@ -25,7 +25,7 @@ from model.data.layout import (
     warn_unmatched,
     write_dataset,
 )
-from sbir.errors import UserError
+from model.ground.errors import UserError
 
 FOLDER_LAYOUT = "ROOT/sketches/<class>/* and ROOT/photos/<class>/*"
 

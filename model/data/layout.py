@@ -25,8 +25,8 @@ from model.data.dataset import (
     split_with_unseen,
     write_manifest,
 )
+from model.ground.errors import UserError
 from model.images import list_images
-from sbir.errors import UserError
 
 LOG = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sbir_ground import __version__
+from model.ground import __version__
 from service.deps import ServiceDep
 from service.errors import error_body
 from service.schemas import ErrorBody, ReadyResponse
