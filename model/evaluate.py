@@ -26,11 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from model.data.dataset import Record, Split, resolve_path
 from model.features import EDGE_VIEW, FEATURES_FILE, FeatureSet
+from model.images import load_image
 from model.metrics import evaluate_retrieval, evaluate_scored, pr_curve, ranked_relevance
+from model.peer import InfoNCEPeer
+from model.pipeline import SBIRModel
 from model.rerank import rerank_matrix, split_rows
+from model.train import prepare
 
 LOG = logging.getLogger(__name__)
 
@@ -45,8 +50,6 @@ UNTRAINED = ("raw", "standardised")
 def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-domain mean and std of the raw features of the rows the model was trained on (the
     adapter's own statistics when its sketches were not stroke-normalised)."""
-    from model.train import prepare
-
     a = model.adapter
     own = {d: (getattr(a, f"{d}_mean"), getattr(a, f"{d}_std")) for d in ("sketch", "photo")}
     training = model.config["training"]
@@ -66,9 +69,6 @@ def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[st
 
 
 def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
-    from model.peer import InfoNCEPeer
-    from model.pipeline import SBIRModel
-
     model = SBIRModel.load(run / "model", device="cpu", with_backbone=False)
     adapter = model.adapter
     stats = _raw_statistics(fs_raw, records, model)
@@ -91,8 +91,6 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
            "iiae": iiae}
     peer_path = run / "peer_infonce.safetensors"
     if peer_path.is_file():
-        from safetensors.torch import load_file
-
         state = load_file(str(peer_path))
         peer = InfoNCEPeer(adapter.cfg.output_dim, state["sketch.weight"].shape[0])
         peer.load_state_dict(state)
@@ -297,12 +295,11 @@ def aggregate(results: list[dict]) -> tuple[dict, str]:
 
 
 def _figure(result: dict, records: list[Record], fs: FeatureSet, dataset: Path, path: Path) -> None:
+    # imported here: only a run that asks for the figure needs matplotlib, whose import takes most of a second
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from model.images import load_image
 
     rows = result["_rows"]["category"]
     q, g, ql, gl = rows

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from model.augment import augment_sketch, edge_sketch
 from model.backbones import Backbone
@@ -69,8 +71,6 @@ class FeatureSet:
 
     def save(self, path: str | Path) -> None:
         """Write the set (features, rows, meta) atomically to a directory that `load` reads."""
-        from safetensors.numpy import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({"feats": np.ascontiguousarray(self.feats, np.float32), "record": self.record.astype(np.int64),
@@ -81,8 +81,6 @@ class FeatureSet:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
-        from safetensors.numpy import load_file
-
         path = Path(path)
         t = load_file(str(path / FEATURES_FILE))
         meta = json.loads((path / META_FILE).read_text())
@@ -122,7 +120,10 @@ def render_view(img, record_index: int, view: int, seed: int):
     return augment_sketch(img, rng)
 
 
-class _ViewDataset(Dataset):
+class ViewDataset(Dataset):
+    """(record, view) jobs -> (preprocessed uint8 image, "") or (None, why it did not decode); the views are
+    rendered by `render_view` with `seed`, so every reader of a feature row sees the same image."""
+
     def __init__(self, root: Path, records: Sequence[Record], jobs, backbone_preprocess, seed: int):
         self.root, self.records, self.jobs, self.seed = root, records, jobs, seed
         self.preprocess = backbone_preprocess
@@ -139,7 +140,8 @@ class _ViewDataset(Dataset):
             return None, exc.reason + (f": {exc.detail}" if exc.detail else "")
 
 
-def _collate(batch):
+def collate_views(batch):
+    """ViewDataset items -> (stacked images of those that decoded, or None; every item's error or "")."""
     ok = [t for t, _ in batch if t is not None]
     errors = [err for _, err in batch]
     return (torch.stack(ok) if ok else None), errors
@@ -168,8 +170,6 @@ def extract_features(
     progress: bool = True,
 ) -> FeatureSet:
     """Compute (or finish computing) the feature cache of `records` under `out_dir`."""
-    from tqdm import tqdm
-
     root, out_dir = Path(root), Path(out_dir)
     jobs = plan_jobs(records, sketch_views, edge_artists, stroke_norm, heldout)
     plan = {
@@ -201,12 +201,12 @@ def extract_features(
         LOG.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
 
     todo_jobs = [j for c in todo for j in jobs[c * CHUNK_ROWS : (c + 1) * CHUNK_ROWS]]
-    ds = _ViewDataset(root, records, todo_jobs, backbone.preprocess, seed)
+    ds = ViewDataset(root, records, todo_jobs, backbone.preprocess, seed)
     loader = DataLoader(
         ds,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_views,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )

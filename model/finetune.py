@@ -24,7 +24,7 @@ on a GPU host each stage takes seconds.
 from __future__ import annotations
 
 import copy
-import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -35,13 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
-from model.backbones import Backbone, OnnxRuntimeNet
+from model.backbones import Backbone, OnnxRuntimeNet, PooledEfficientNetLite, create_backbone
+from model.features import FeatureSet, ViewDataset, collate_views
+from model.pipeline import resolve_device
+from model.train import balanced_batch, class_loss, prepare, train_all, val_map
+from model.tuned_tensors import PREFIX, tensors_sha256
 
 LOG = logging.getLogger(__name__)
-
-PREFIX = "backbone."
 
 
 @dataclass
@@ -53,56 +57,39 @@ class FinetuneConfig:
     batch: int = 64  # sketch rows and photo rows per step, each
 
 
-def _lite(net: nn.Module):
-    from model.backbones import _PooledEfficientNetLite
-
-    if not isinstance(net, _PooledEfficientNetLite):
+def _lite(net: nn.Module) -> PooledEfficientNetLite:
+    if not isinstance(net, PooledEfficientNetLite):
         raise ValueError(f"fine-tuning is implemented for the EfficientNet-Lite backbones, not {type(net).__name__}")
     return net
 
 
 class Stem(nn.Module):
-    """The frozen part: stem convolution and blocks [0, start). Output: the feature map."""
+    """The frozen part: stem convolution and blocks [0, start) of `trunk`. Output: the feature map."""
 
-    def __init__(self, pooled: nn.Module, start: int):
+    def __init__(self, trunk: PooledEfficientNetLite, start: int):
         super().__init__()
-        net = _lite(pooled).net
-        self.conv_stem, self.bn0, self.swish = net._conv_stem, net._bn0, net._swish
-        self.blocks = nn.ModuleList(net._blocks[:start])
+        self.trunk = _lite(trunk)
+        self.start = start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.swish(self.bn0(self.conv_stem(x)))
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.trunk.blocks(self.trunk.stem(x), 0, self.start)
 
 
 class Top(nn.Module):
-    """The tuned part: blocks [start, end) and the head, pooled as the backbone pools them.
+    """The tuned part: blocks [start, end) of `trunk` and its head, pooled as the backbone pools them.
 
-    A tap on block start-1 (the stem's output) is pooled from the input map; taps further down
-    would need the stem to hand on more than its map, so `split_backbone` refuses them.
+    Only those parts require gradients (`split_backbone`); the trunk's others are not run. A tap on
+    block start-1 (the stem's output) is pooled from the input map; taps further down would need the
+    stem to hand on more than its map, so `split_backbone` refuses them.
     """
 
-    def __init__(self, pooled: nn.Module, start: int):
+    def __init__(self, trunk: PooledEfficientNetLite, start: int):
         super().__init__()
-        lite = _lite(pooled)
-        net = lite.net
+        self.trunk = _lite(trunk)
         self.start = start
-        self.taps = tuple(lite.taps)
-        self.blocks = nn.ModuleList(net._blocks[start:])
-        self.conv_head, self.bn1, self.swish = net._conv_head, net._bn1, net._swish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = [x.mean(dim=(2, 3))] if self.start - 1 in self.taps else []
-        for i, block in enumerate(self.blocks, start=self.start):
-            x = block(x)
-            if i in self.taps:
-                pooled.append(x.mean(dim=(2, 3)))
-        x = self.swish(self.bn1(self.conv_head(x)))
-        if not self.taps:
-            return x.mean(dim=(2, 3))
-        return torch.cat([*pooled, x.mean(dim=(2, 3))], dim=1)
+        return self.trunk.features_from(x, self.start)
 
     def train(self, mode: bool = True) -> Top:
         super().train(mode)
@@ -113,10 +100,10 @@ class Top(nn.Module):
 
 
 def split_backbone(backbone: Backbone, blocks: int) -> tuple[Stem, Top, int]:
-    """(frozen stem, tuned top, index of the first tuned block) of a copy of the backbone's network."""
-    pooled = copy.deepcopy(backbone.net).to(memory_format=torch.contiguous_format).float()
-    lite = _lite(pooled)
-    n = len(lite.net._blocks)
+    """(frozen stem, tuned top, index of the first tuned block), each on its own copy of the backbone's
+    network."""
+    lite = _lite(backbone.net)
+    n = lite.num_blocks
     if not 1 <= blocks <= n:
         raise ValueError(f"--finetune-blocks must be 1..{n} for {backbone.name}, not {blocks}")
     start = n - blocks
@@ -126,49 +113,27 @@ def split_backbone(backbone: Backbone, blocks: int) -> tuple[Stem, Top, int]:
             f"{backbone.name} pools block {min(low)}: tune at least {n - min(low) - 1} blocks so that every "
             f"pooled block but the first is tuned (or none of them)"
         )
-    stem, top = Stem(pooled, start).eval(), Top(pooled, start)
-    for p in stem.parameters():
-        p.requires_grad_(False)
-    for p in top.parameters():
-        p.requires_grad_(True)
+
+    def trunk_copy() -> PooledEfficientNetLite:
+        trunk = copy.deepcopy(lite).to(memory_format=torch.contiguous_format).float()
+        for p in trunk.parameters():
+            p.requires_grad_(False)
+        return trunk
+
+    stem, top = Stem(trunk_copy(), start).eval(), Top(trunk_copy(), start)
+    for part in top.trunk.parts_from(start).values():
+        part.requires_grad_(True)
     return stem, top, start
 
 
 def top_state(top: Top) -> dict[str, torch.Tensor]:
     """The tuned tensors, named as in the backbone network's own state dict (PREFIX added)."""
     out = {}
-    for k, v in top.state_dict().items():
-        head, _, rest = k.partition(".")
-        if head == "blocks":
-            i, _, rest = rest.partition(".")
-            name = f"net._blocks.{int(i) + top.start}.{rest}"
-        else:
-            name = {"conv_head": "net._conv_head", "bn1": "net._bn1", "swish": "net._swish"}[head] + "." + rest
-        v = v.detach().cpu().contiguous()
-        out[PREFIX + name] = v.float() if v.is_floating_point() else v
+    for name, part in top.trunk.parts_from(top.start).items():
+        for k, v in part.state_dict(prefix=f"{PREFIX}{name}.").items():
+            v = v.detach().cpu().contiguous()
+            out[k] = v.float() if v.is_floating_point() else v
     return out
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def apply_state(net: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
-    """Load tuned tensors (PREFIX-named) into a freshly built backbone network; returns how many."""
-    own = net.state_dict()
-    state = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise ValueError(f"the checkpoint's backbone tensors do not fit this backbone, e.g. {unknown[:3]}")
-    bad = [k for k, v in state.items() if own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"the checkpoint's backbone tensors have other shapes, e.g. {bad[:3]}")
-    net.load_state_dict(state, strict=False)
-    return len(state)
 
 
 # --- the frozen maps -------------------------------------------------------------------------------
@@ -186,11 +151,6 @@ def stem_maps(
     progress: bool = True,
 ) -> torch.Tensor:
     """float16 (N, C, H, W) maps of the given (record, view) rows, rendered as the feature cache was."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from model.features import _collate, _ViewDataset
-
     jobs = list(zip(record.tolist(), view.tolist(), strict=True))
     size = backbone.image_size
     stem = stem.to(device).eval()
@@ -213,8 +173,8 @@ def stem_maps(
     with torch.no_grad():
         shape = run(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1:]
     out = torch.empty((len(jobs), *shape), dtype=torch.float16)
-    ds = _ViewDataset(Path(root), records, jobs, backbone.preprocess, seed)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    ds = ViewDataset(Path(root), records, jobs, backbone.preprocess, seed)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_views,
                         prefetch_factor=4 if workers > 0 else None)
     pos = 0
     with torch.no_grad(), tqdm(total=len(jobs), unit="img", disable=not progress, desc="frozen blocks") as bar:
@@ -254,8 +214,6 @@ def finetune_top(
     `td` is model.train.TrainData of the frozen features (labels, parts, domains of the same rows as
     `maps`). The epoch with the best validation-class mAP of the adapter's embedding is kept.
     """
-    from model.train import balanced_batch, class_loss, val_map
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 3)
     train = td.label >= 0
@@ -339,13 +297,6 @@ def finetune_and_train(
     """Tune the top blocks on `split`'s training classes, recompute every row's features with them
     (written to OUT/features for `sbir eval`), then `train_all` on those; the checkpoint carries the
     tuned tensors. Returns train_all's summary with a "finetune" entry."""
-    import json
-
-    from model.backbones import create_backbone
-    from model.features import FeatureSet
-    from model.pipeline import resolve_device
-    from model.train import prepare, train_all
-
     device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from model.adapter import AdapterConfig, FeatureAdapter
 from model.backbones import Backbone, create_backbone
+from model.ground.errors import UserError
 from model.iiae import IIAE, IIAEConfig
+from model.images import load_image
 from model.peer import InfoNCEPeer
+from model.quantize import requested_precision
 from model.rerank import RerankConfig
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 from model.stroke_norm import normalise_strokes
+from model.tuned_tensors import PREFIX, tensors_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ class SBIRModel:
         self.adapter = adapter.to(self.device).eval()
         self.iiae = iiae.to(self.device).eval()
         self.config = config
-        # fine-tuned backbone tensors (model.finetune.PREFIX-named), saved beside adapter and IIAE
+        # fine-tuned backbone tensors (model.tuned_tensors.PREFIX-named), saved beside adapter and IIAE
         self.backbone_tensors: dict[str, torch.Tensor] = {}
         self.embedding = config.get("embedding", "iiae")
         assert self.embedding in EMBEDDINGS, f"unknown embedding {self.embedding!r}"
@@ -162,8 +167,6 @@ class SBIRModel:
     # --- persistence ----------------------------------------------------------------------------
     def save(self, ckpt_dir: str | Path) -> str:
         """Write weights and config atomically; return the checkpoint sha256."""
-        from safetensors.torch import save_file
-
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
@@ -206,10 +209,6 @@ class SBIRModel:
         `cpu_precision`: fp32, int8 or auto (model.backbones.cpu_precision_for); the loaded backbone's
         `precision` says which one runs.
         """
-        from safetensors.torch import load_file
-
-        from model.ground.errors import UserError
-
         ckpt_dir = Path(ckpt_dir)
         cfg_path, w_path = ckpt_dir / CONFIG_FILE, ckpt_dir / WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
@@ -234,8 +233,6 @@ class SBIRModel:
             w = tensors["peer.sketch.weight"]
             peer = InfoNCEPeer(w.shape[1], w.shape[0])
             peer.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("peer.")})
-        from model.finetune import PREFIX, tensors_sha256
-
         tuned = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
         tuned_info = config.get("backbone", {}).get("finetuned")
         if tuned_info and tensors_sha256(tuned) != tuned_info.get("sha256"):
@@ -243,8 +240,6 @@ class SBIRModel:
         backbone = None
         if with_backbone:
             bb = config["backbone"]
-            from model.quantize import requested_precision
-
             if resolve_device(device).type != "cpu" and requested_precision(cpu_precision) == "int8":
                 raise UserError(f"{ckpt_dir}: int8 runs on the CPU only; on {resolve_device(device)} the backbone "
                                 "runs in float (fp16 autocast)")
@@ -286,6 +281,4 @@ class SBIRModel:
 
 
 def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
-    from model.images import load_image
-
     return [load_image(p) for p in paths]

@@ -13,6 +13,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+# scikit-image and scipy (about half a second to import) are imported by the functions that use them:
+# the service and the index builder load this module with every model, and one trained with the default
+# stroke_norm=False never normalises a query.
+
 VERSION = 1  # bump on any change of output: feature caches record it
 CANVAS = 256  # the normalised drawing's side, before the backbone's own resize
 MARGIN = 0.08  # of the canvas on each side (as the service's stroke renderer)

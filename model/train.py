@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
@@ -32,6 +33,7 @@ from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet
 from model.iiae import IIAE, IIAEConfig
 from model.metrics import evaluate_retrieval
 from model.peer import InfoNCEPeer
+from model.pipeline import SBIRModel
 from model.rerank import RerankConfig
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 
@@ -410,8 +412,6 @@ def train_all(
     `backbone_tensors`: fine-tuned backbone tensors (model.finetune) that produced `fs`, saved in the
     checkpoint; `extra_training`: more entries for the config's "training" record.
     """
-    from model.pipeline import SBIRModel
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
@@ -451,8 +451,6 @@ def train_all(
         "seconds": {"selection": round(t_select, 1), "refit": round(time.perf_counter() - t0 - t_select, 1)},
     }
     if peer is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out_dir / "peer_infonce.safetensors"))
         summary["infonce"] = p_info
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)

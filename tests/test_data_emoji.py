@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -319,7 +320,7 @@ def test_fetch_uses_a_verified_cached_tarball_without_npm(tmp_path, monkeypatch)
 
 
 def _fake_npm(monkeypatch, payload: bytes, calls: list):
-    monkeypatch.setattr(em.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/npm")
 
     def run(cmd, **kwargs):
         calls.append(cmd)
@@ -329,7 +330,7 @@ def _fake_npm(monkeypatch, payload: bytes, calls: list):
             cmd, 0, stdout=json.dumps([{"filename": "x-1.0.0.tgz"}]), stderr=""
         )
 
-    monkeypatch.setattr(em.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
 
 
 def test_fetch_packs_with_npm_and_checks_integrity(tmp_path, monkeypatch):
@@ -352,7 +353,7 @@ def test_fetch_refuses_an_integrity_mismatch(tmp_path, monkeypatch):
 
 
 def test_fetch_without_npm_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(em.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="npm not found"):
         em.fetch_tarball(em.OPENMOJI, tmp_path)
 

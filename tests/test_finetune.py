@@ -37,7 +37,7 @@ def test_stem_then_top_is_the_backbone(name, blocks):
     with torch.no_grad():
         want = bb.net(x.contiguous(memory_format=torch.channels_last))
         got = top.eval()(stem(x))
-    assert start == len(bb.net.net._blocks) - blocks
+    assert start == bb.net.num_blocks - blocks
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -31,6 +31,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from model.ground.errors import UserError
 
+# numpy is imported inside the three functions that need it: the rest of this module (and `sbir data`'s
+# manifest and split commands) runs on the standard library alone.
+
 MANIFEST_NAME = "manifest.csv"
 SPLITS_DIR = "splits"
 DOMAINS = ("sketch", "photo")
