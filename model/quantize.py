@@ -35,10 +35,11 @@ CPU_PRECISIONS = ("auto", "fp32", "int8")
 QUANTIZED_OPS = ("Conv", "Clip", "Add")
 # Nodes kept in float32 (mixed precision): the stem convolution and blocks 0 and 1 with their ReLU6s,
 # the first layers, at 130x130 (block 1's output: 65x65). Rounded to 8 bits there, the thin strokes
-# of a drawing lost most of what int8 loses: on 384 unseen-class images of every drawing style and
-# photo set, the features' mean relative error to float32 fell from 0.076 (everything in int8) to
-# 0.046 with these in float32 (0.071-0.077 keeping any other group of blocks in float32 instead),
-# for about 3% of the network's multiply-adds (docs/BENCHMARKS.md, "int8: what loses most").
+# of a drawing lost most of what int8 loses: on 312 images of every drawing style and photo set
+# (classes split 0 does not train on), the features' mean relative error to float32 fell from 0.073
+# (everything in int8) to 0.050 with these in float32, and from 0.081 to 0.041-0.043 for Lucide's
+# and Tabler's thin-line icons, while keeping any later group of blocks in float32 instead gave
+# 0.069-0.071; 67 of the 858 million multiply-adds (docs/BENCHMARKS.md, "int8: what loses most").
 # `calibrate` writes the list into the calibration file and `quantize` keeps what the file says.
 FLOAT_NODES = (
     "/net/_conv_stem/Conv", "/net/_swish/Clip",
@@ -79,8 +80,10 @@ def cpu_has_int8_dot() -> bool:
 
 
 # What nothing asked for means. Not "auto" (int8 on a VNNI CPU): over three split seeds of the emoji
-# benchmark and its held-out styles int8 moved IIAE's mAP and P@1 by more than the tolerances of
-# issue 19 (docs/BENCHMARKS.md, "int8 accuracy, three seeds"), so int8 is asked for, not assumed.
+# benchmark and its held-out styles, int8 moved the served ranking by more than the tolerances of
+# issue 19 on the mean over seeds (with the first layers in float32: Streamline's instance mAP by
+# -0.0097, and P@1 on three tasks of 32-165 queries; docs/BENCHMARKS.md, "int8 accuracy, three
+# seeds, mixed precision"), so int8 is asked for, not assumed.
 DEFAULT_PRECISION = "fp32"
 
 
