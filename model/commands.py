@@ -103,6 +103,9 @@ def finetune_config(args: argparse.Namespace):
 
     return FinetuneConfig(blocks=args.finetune_blocks, **_given(args, FINETUNE_FLAGS, "finetune_"))
 
+# The split seeds of the benchmark (docs/BENCHMARKS.md): `sbir calibrate` samples classes all of them train on.
+CALIBRATION_SPLITS = ("category_seed0", "category_seed1", "category_seed2")
+
 
 def default_features_dir(dataset: Path, backbone: str, precision: str = "fp32") -> Path:
     """DATASET/features/BACKBONE, or BACKBONE-int8 for a cache computed by the int8 backbone."""
@@ -173,7 +176,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("dataset", type=Path)
     c.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    c.add_argument("--split", default="category_seed0", help="its training classes are sampled")
+    c.add_argument("--split", nargs="+", default=list(CALIBRATION_SPLITS),
+                   help="only classes that all these splits train on are sampled, so that no image of a class "
+                   "that one of them evaluates on is calibrated on (default: the benchmark's three split seeds, "
+                   f"{' '.join(CALIBRATION_SPLITS)})")
     c.add_argument("--per-domain", type=int, default=64, help="sketches, and as many photos")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--method", default="MinMax", choices=["MinMax", "Percentile", "Entropy"])
@@ -243,18 +249,25 @@ def cmd_features(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from model.backbones import get_spec
-    from model.quantize import CalibrationRecipe, calibrate_dataset, calibration_file
+    from model.calibrate import calibrate_dataset
+    from model.data.dataset import list_splits
+    from model.quantize import CalibrationRecipe, calibration_file
 
     _dataset(args.dataset)
     out = args.out or calibration_file(get_spec(args.backbone).int8_calibration)
     if out is None:
         raise UserError(f"backbone {args.backbone} names no calibration file: give --out")
+    splits = tuple(args.split)
+    missing = [name for name in splits if name not in list_splits(args.dataset)]
+    if missing:
+        raise UserError(f"{args.dataset} has no split {missing[0]}: give the splits to sample from with --split")
     recipe = CalibrationRecipe(
-        dataset=args.dataset.resolve().name, split=args.split, seed=args.seed, per_domain=args.per_domain,
+        dataset=args.dataset.resolve().name, splits=splits, seed=args.seed, per_domain=args.per_domain,
         method=args.method, manifest_sha256=sha256_file(args.dataset / "manifest.csv"),
     )
     data = calibrate_dataset(args.dataset, args.backbone, recipe, out)
-    print(f"calibration: {len(data['images'])} images, {len(data['ranges']['data'])} tensor ranges in {out}")
+    print(f"calibration: {len(data['images'])} images of the classes {', '.join(splits)} all train on, "
+          f"{len(data['ranges']['data'])} tensor ranges, {len(data['float_nodes'])} nodes kept in float32, in {out}")
     return 0
 
 

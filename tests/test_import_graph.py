@@ -147,22 +147,7 @@ def test_lower_layers_do_not_import_the_cli(package):
     assert offenders == []
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(
-            "model",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 18 point 1 (the lead's): backbones -> finetune -> train/features/pipeline -> "
-                "backbones, and backbones <-> quantize",
-            ),
-        ),
-        "index_builder",
-        "service",
-        "sbir",
-    ],
-)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_module_cycle_inside_a_package(package):
     inside = {
         name: {t for t in targets if t.split(".")[0] == package}
