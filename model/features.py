@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_safetensors
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.augment import augment_sketch, edge_sketch
 from model.backbones import Backbone
 from model.data.dataset import Record, resolve_path
+from model.ground.files import write_atomic, write_bytes_atomic, write_text_atomic
 from model.images import ImageError, load_image
 from model.stroke_norm import VERSION as stroke_norm_version
 from model.stroke_norm import normalise_strokes
@@ -73,11 +74,10 @@ class FeatureSet:
         """Write the set (features, rows, meta) atomically to a directory that `load` reads."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"feats": np.ascontiguousarray(self.feats, np.float32), "record": self.record.astype(np.int64),
-                   "view": self.view.astype(np.int64)}, str(path / (FEATURES_FILE + ".tmp")))
-        os.replace(path / (FEATURES_FILE + ".tmp"), path / FEATURES_FILE)
-        (path / (META_FILE + ".tmp")).write_text(json.dumps(self.meta, indent=2) + "\n")
-        os.replace(path / (META_FILE + ".tmp"), path / META_FILE)
+        tensors = {"feats": np.ascontiguousarray(self.feats, np.float32), "record": self.record.astype(np.int64),
+                   "view": self.view.astype(np.int64)}
+        write_bytes_atomic(path / FEATURES_FILE, save_safetensors(tensors))
+        write_text_atomic(path / META_FILE, json.dumps(self.meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
@@ -148,11 +148,7 @@ def collate_views(batch):
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def extract_features(

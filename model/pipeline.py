@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from model.adapter import AdapterConfig, FeatureAdapter
 from model.backbones import Backbone, create_backbone
 from model.ground.errors import UserError
+from model.ground.files import sha256_file, write_bytes_atomic, write_text_atomic
 from model.iiae import IIAE, IIAEConfig
 from model.images import load_image
 from model.peer import InfoNCEPeer
@@ -56,7 +58,7 @@ def checkpoint_sha256(ckpt_dir: str | Path) -> str:
     h = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         h.update(name.encode())
-        h.update(hashlib.sha256((ckpt_dir / name).read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(ckpt_dir / name)))
     return h.hexdigest()
 
 
@@ -166,7 +168,9 @@ class SBIRModel:
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, ckpt_dir: str | Path) -> str:
-        """Write weights and config atomically; return the checkpoint sha256."""
+        """Write weights, then config, each atomically and durably (model.ground.files); return the
+        checkpoint sha256. A crash between the two leaves new weights beside the old config: the pair's
+        sha256 then matches no snapshot, so nothing serves it (a snapshot pins both files)."""
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
@@ -184,11 +188,8 @@ class SBIRModel:
         config["rerank"] = self.rerank.to_dict() if self.rerank is not None else None
         if self.backbone is not None:
             config["backbone"] = self.backbone.describe()
-        tmp_w, tmp_c = ckpt_dir / (WEIGHTS_FILE + ".tmp"), ckpt_dir / (CONFIG_FILE + ".tmp")
-        save_file(tensors, str(tmp_w))
-        tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tmp_w.replace(ckpt_dir / WEIGHTS_FILE)
-        tmp_c.replace(ckpt_dir / CONFIG_FILE)
+        write_bytes_atomic(ckpt_dir / WEIGHTS_FILE, save_safetensors(tensors))
+        write_text_atomic(ckpt_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.config = config
         self.sha256 = checkpoint_sha256(ckpt_dir)
         return self.sha256

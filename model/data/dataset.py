@@ -23,13 +23,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from model.ground.errors import UserError
+from model.ground.files import write_text_atomic
 
 # numpy is imported inside the three functions that need it: the rest of this module (and `sbir data`'s
 # manifest and split commands) runs on the standard library alone.
@@ -91,16 +91,9 @@ class Record:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace: readers never see half a file."""
+    """`model.ground.files.write_text_atomic`, creating the folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def write_manifest(root: str | os.PathLike, records: Iterable[Record]) -> Path:

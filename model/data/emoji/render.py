@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from model.ground.files import usable_cores
 from model.images import to_rgb
 
 
@@ -93,10 +94,8 @@ def run_job(job: RenderJob) -> tuple[str, str, str]:
 
 
 def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """Render processes: the cores this process may use (model.ground.files.usable_cores)."""
+    return usable_cores()
 
 
 def render_jobs(
