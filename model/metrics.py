@@ -127,22 +127,13 @@ class RetrievalReport:
 
 
 def evaluate_retrieval(
-    query_emb: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_emb: np.ndarray,
-    gallery_labels: np.ndarray,
-    ks: tuple[int, ...] = (1, 100, 200),
-    map_ks: tuple[int, ...] = (200,),
-    precision_variant: str = "hits/k",
-    map_variant: str = "topk",
-    ties: str = "stable",
-    block: int = 256,
+    query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray, gallery_labels: np.ndarray, **kw
 ) -> RetrievalReport:
-    """Cosine retrieval (embeddings are L2-normalised here) of every query against the gallery."""
+    """Cosine retrieval (embeddings are L2-normalised here) of every query against the gallery;
+    `kw` as `evaluate_scored` takes them."""
     q = query_emb / np.maximum(np.linalg.norm(query_emb, axis=1, keepdims=True), 1e-12)
     g = gallery_emb / np.maximum(np.linalg.norm(gallery_emb, axis=1, keepdims=True), 1e-12)
-    return evaluate_scored(lambda sl: q[sl] @ g.T, query_labels, gallery_labels, ks, map_ks, precision_variant,
-                           map_variant, ties, block)
+    return evaluate_scored(lambda sl: q[sl] @ g.T, query_labels, gallery_labels, **kw)
 
 
 def evaluate_scored(
