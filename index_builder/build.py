@@ -43,6 +43,7 @@ from index_builder.snapshot import (
     read_current,
     read_photo_store,
 )
+from model.ground.checkpoint import checkpoint_sha256
 from model.ground.errors import UserError
 from model.ground.files import write_text_atomic
 
@@ -244,8 +245,6 @@ class _Job:
     # --- steps ------------------------------------------------------------------------------------
     def check_model(self) -> None:
         """The checkpoint is complete; an update keeps its snapshot's model."""
-        from model.pipeline import checkpoint_sha256
-
         src, previous = self.model_src, self.previous
         if not all((src / name).is_file() for name in MODEL_FILES):
             raise UserError(f"{src} is not a model checkpoint (needs {' and '.join(MODEL_FILES)})")
@@ -510,8 +509,6 @@ def _open_previous(root: Path, mode: str, model_given: bool) -> Snapshot | None:
 
 def _stage_model(src: Path, job_dir: Path, sha: str) -> Path:
     """A private copy of the checkpoint: the snapshot ships exactly the model the vectors came from."""
-    from model.pipeline import checkpoint_sha256
-
     staged = job_dir / "model"
     if staged.is_dir():
         try:

@@ -25,6 +25,7 @@ from index_builder.embed import (
     encode_block,
     load_photo_encoder,
 )
+from model.ground.checkpoint import checkpoint_sha256
 from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ class PhotoEncoderActor:
     def __init__(self, model_files, model_sha256: str, root: str, device: str, threads: int, batch_size: int,
                  precision: str = "fp32"):
         import ray
-
-        from model.pipeline import checkpoint_sha256
 
         if isinstance(model_files, ray.ObjectRef):
             model_files = ray.get(model_files)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.ground.checkpoint import MODEL_FILES, checkpoint_sha256
 from model.ground.errors import UserError
 from model.ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 from model.rerank import RerankConfig, rerank, split_rows
@@ -40,7 +41,6 @@ IDS_FILE = "ids.npy"
 PHOTOS_DB = "photos.sqlite"
 REPORT_FILE = "build_report.json"
 MODEL_DIR = "model"
-MODEL_FILES = ("config.json", "model.safetensors")
 REQUIRED_FILES = (INDEX_FILE, VECTORS_FILE, IDS_FILE, PHOTOS_DB, *(f"{MODEL_DIR}/{f}" for f in MODEL_FILES))
 _ID_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 SQL_CHUNK = 500
@@ -405,8 +405,6 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
 
 
 def _check_model(path: Path, manifest: dict) -> None:
-    from model.pipeline import checkpoint_sha256
-
     try:
         actual = checkpoint_sha256(path / MODEL_DIR)
     except OSError as exc:

@@ -12,7 +12,6 @@ weights are not copied: they are found by name and verified by sha256 on load.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -27,8 +26,9 @@ from safetensors.torch import save as save_safetensors
 
 from model.adapter import AdapterConfig, FeatureAdapter
 from model.backbones import Backbone, create_backbone
+from model.ground.checkpoint import CONFIG_FILE, WEIGHTS_FILE, checkpoint_sha256
 from model.ground.errors import UserError
-from model.ground.files import sha256_file, write_bytes_atomic, write_text_atomic
+from model.ground.files import write_bytes_atomic, write_text_atomic
 from model.iiae import IIAE, IIAEConfig
 from model.images import load_image
 from model.peer import InfoNCEPeer
@@ -41,8 +41,6 @@ from model.tuned_tensors import PREFIX, tensors_sha256
 LOG = logging.getLogger(__name__)
 
 FORMAT = "sbir-model/1"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 EMBEDDINGS = ("iiae", "adapter")
 
 
@@ -50,16 +48,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def checkpoint_sha256(ckpt_dir: str | Path) -> str:
-    """One digest over a checkpoint's weights and config: what an index snapshot pins."""
-    ckpt_dir = Path(ckpt_dir)
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        h.update(name.encode())
-        h.update(bytes.fromhex(sha256_file(ckpt_dir / name)))
-    return h.hexdigest()
 
 
 class SBIRModel:

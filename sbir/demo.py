@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from model.ground.checkpoint import checkpoint_sha256
 from model.ground.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -237,8 +238,6 @@ def _demo(args) -> int:
     _step(4, "indexing the colour emoji gallery (once, then cached)")
     from index_builder.build import BuildOptions, build
     from index_builder.snapshot import Snapshot, read_current
-    from model.pipeline import checkpoint_sha256
-
     index_root = work / "index"
     index_root.mkdir(parents=True, exist_ok=True)
     manifest = _gallery_manifest(data, records, work / "gallery.csv")
