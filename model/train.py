@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -406,11 +407,13 @@ def train_all(
     backbone=None,
     backbone_tensors: dict | None = None,
     extra_training: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train adapter, IIAE (and the peer); save the checkpoint under out_dir/model. Returns a summary.
 
     `backbone_tensors`: fine-tuned backbone tensors (model.finetune) that produced `fs`, saved in the
-    checkpoint; `extra_training`: more entries for the config's "training" record.
+    checkpoint; `extra_training`: more entries for the config's "training" record; `progress`: called
+    with every training-log entry as it is written (`sbir demo`'s progress bar).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,6 +424,8 @@ def train_all(
         log_file.write(json.dumps(entry) + "\n")
         log_file.flush()
         LOG.info(" ".join(f"{k}={v}" for k, v in entry.items()))
+        if progress is not None:
+            progress(entry)
 
     if cfg.rerank == "infonce" and not cfg.peer:
         raise ValueError("re-ranking with the InfoNCE peer needs the peer: drop --no-peer or choose --rerank")

@@ -78,41 +78,44 @@ def run_logging(work: Path, verbose: bool) -> Iterator[Path]:
             h.setLevel(level)
 
 
-class TrainingProgress(logging.Handler):
-    """One tqdm bar for `sbir demo`'s training step, fed by model.train's per-epoch log records
-    ("stage=adapter epoch=3 ...", "stage=iiae ... step=250 ..."): adapter epochs, then IIAE steps,
-    each again for the refit on training + validation classes."""
+class TrainingProgress:
+    """One tqdm bar for `sbir demo`'s training step, fed by `train_all`'s log entries (its `progress`
+    callback): adapter epochs, IIAE steps and the InfoNCE peer's steps, then the adapter and IIAE again
+    for the refit on training + validation classes, for exactly the selected epochs and steps."""
+
+    UNITS = {"adapter": "epoch", "iiae": "step", "infonce": "step"}
+    NAMES = {"adapter": "adapter", "iiae": "IIAE", "infonce": "InfoNCE peer"}
 
     def __init__(self, cfg, bar=None):
-        super().__init__(logging.INFO)
         from tqdm import tqdm
 
         self.cfg = cfg
         self.bar = bar if bar is not None else tqdm(total=cfg.adapter_max_epochs, unit="epoch", desc="adapter")
         self.phase = ("adapter", False)
-        self.best = {"adapter": (-1.0, 0), "iiae": (-1.0, 0)}  # (val_mAP, epoch or step) in selection
+        self.best: dict[str, tuple[float, int]] = {s: (-1.0, 0) for s in self.UNITS}  # selection: (val_mAP, pos)
         self.phases = ["adapter"]  # the bar's descriptions so far
+        self.refit = False
 
-    def emit(self, record: logging.LogRecord) -> None:
-        entry = dict(kv.split("=", 1) for kv in record.getMessage().split() if "=" in kv)
+    def __call__(self, entry: dict) -> None:
         stage = entry.get("stage")
         if stage == "refit":
-            self.phase = ("refit", True)
-        if stage not in ("adapter", "iiae"):
+            self.refit = True
+        if stage not in self.UNITS:
             return
-        refit = self.phase[1]
         pos = int(float(entry["epoch"] if stage == "adapter" else entry.get("step", 0)))
-        if not refit and "val_mAP" in entry and float(entry["val_mAP"]) > self.best[stage][0]:
-            self.best[stage] = (float(entry["val_mAP"]), pos)
-        if (stage, refit) != self.phase:
-            self.phase = (stage, refit)
-            if refit:  # the refit runs exactly the selected epochs / steps
+        val = float(entry.get("val_mAP", "nan"))
+        if not self.refit and val > self.best[stage][0]:
+            self.best[stage] = (val, pos)
+        if (stage, self.refit) != self.phase:
+            self.phase = (stage, self.refit)
+            if self.refit:  # the refit runs exactly the selected epochs / steps
                 total = self.best[stage][1] or None
             else:
-                total = self.cfg.adapter_max_epochs if stage == "adapter" else self.cfg.iiae_max_steps
+                total = {"adapter": self.cfg.adapter_max_epochs, "iiae": self.cfg.iiae_max_steps,
+                         "infonce": self.cfg.peer_max_steps}[stage]
             self.bar.reset(total=total)
-            self.bar.unit = "epoch" if stage == "adapter" else "step"
-            self.phases.append(("refit " if refit else "") + ("adapter" if stage == "adapter" else "IIAE"))
+            self.bar.unit = self.UNITS[stage]
+            self.phases.append(("refit " if self.refit else "") + self.NAMES[stage])
             self.bar.set_description(self.phases[-1])
         self.bar.update(pos - self.bar.n)
         if "val_mAP" in entry:
@@ -120,7 +123,6 @@ class TrainingProgress(logging.Handler):
 
     def close(self) -> None:
         self.bar.close()
-        super().close()
 
 
 def _step(n: int, text: str) -> None:
@@ -170,12 +172,9 @@ def _train(data: Path, work: Path, records, split, fs) -> Path:
     if state == "settings":
         print(f"      the model in {model_dir} was trained with other settings than today's defaults: training again")
     progress = TrainingProgress(cfg)
-    train_log = logging.getLogger("model.train")
-    train_log.addHandler(progress)
     try:
-        summary = train_all(fs, records, split, cfg, work)
+        summary = train_all(fs, records, split, cfg, work, progress=progress)
     finally:
-        train_log.removeHandler(progress)
         progress.close()
     print(f"      validation mAP: adapter {summary['adapter']['val_mAP']:.3f}, IIAE {summary['iiae']['val_mAP']:.3f}"
           f" ({summary['seconds']['total']:.0f} s)")

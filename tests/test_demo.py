@@ -42,10 +42,9 @@ def test_other_split_or_features_are_not_reused(tmp_path):
 
 
 def test_training_progress_follows_the_training_log(tmp_path):
-    """The demo's training bar reads model.train's real log records: adapter epochs, IIAE steps,
-    then the refit for exactly the selected step."""
+    """The demo's training bar follows train_all's log entries: adapter epochs, IIAE steps, the
+    InfoNCE peer's steps, then the refit for exactly the selected epoch and step."""
     import io
-    import logging
 
     from test_train_e2e import synthetic
     from tqdm import tqdm
@@ -55,18 +54,10 @@ def test_training_progress_follows_the_training_log(tmp_path):
 
     fs, records, split = synthetic(n_classes=24, d=32)
     cfg = TrainConfig(adapter_max_epochs=4, adapter_batch=32, iiae_max_steps=200, iiae_eval_every=50,
-                      peer=False, adapter_dim=16, latent_dim=8)
+                      peer_max_steps=100, adapter_dim=16, latent_dim=8)
     progress = TrainingProgress(cfg, bar=tqdm(total=cfg.adapter_max_epochs, file=io.StringIO()))
-    train_log = logging.getLogger("model.train")
-    train_log.addHandler(progress)
-    level = train_log.level
-    train_log.setLevel(logging.INFO)
-    try:
-        summary = train_all(fs, records, split, cfg, tmp_path)
-    finally:
-        train_log.removeHandler(progress)
-        train_log.setLevel(level)
-    assert progress.phases == ["adapter", "IIAE", "refit adapter", "refit IIAE"]
+    summary = train_all(fs, records, split, cfg, tmp_path, progress=progress)
+    assert progress.phases == ["adapter", "IIAE", "InfoNCE peer", "refit adapter", "refit IIAE"]
     assert progress.bar.n == progress.bar.total == summary["iiae"]["selected_step"]
 
 
