@@ -41,21 +41,22 @@ def seed_embeddings(photos: Path, root: Path, ckpt: Path) -> int:
     from index_builder.collection import load_collection
     from index_builder.embed import EmbeddingCache, hash_photos
     from model.pipeline import checkpoint_sha256
+    from model.rerank import RerankConfig, unit_parts
 
     coll = load_collection(photos)
     hashes, _ = hash_photos(coll.records, coll.root, progress=False)
     config = json.loads((ckpt / "config.json").read_text())
     dim = int(config["dim"])
-    search_dim = int(config.get("search_dim") or dim)  # rows are [zs | v] where the model re-ranks
+    search_dim = int(config.get("search_dim") or dim)  # rows are [zs | v | r] where the model re-ranks
+    rerank = RerankConfig.from_dict(config.get("rerank"))
     cache = EmbeddingCache(root / WORK_DIR / checkpoint_sha256(ckpt)[:16] / "chunks", dim)
     shas = sorted(set(hashes.values()))
     rng = np.random.default_rng(0)
     for start in range(0, len(shas), 50_000):
         part = shas[start : start + 50_000]
         v = rng.standard_normal((len(part), dim)).astype(np.float32)
-        for cols in (slice(0, search_dim), slice(search_dim, dim)):  # each part a unit vector
-            if cols.stop > cols.start:
-                v[:, cols] /= np.linalg.norm(v[:, cols], axis=1, keepdims=True)
+        for part in unit_parts(v, search_dim, rerank):  # each part a unit vector (views of v)
+            part /= np.linalg.norm(part, axis=1, keepdims=True)
         cache.write_chunk(part, v, [])
     return len(shas)
 

@@ -290,7 +290,7 @@ class _Job:
         self.dim = int(self.config.get("dim") or 0)
         if not self.dim:  # older checkpoints do not record their dimension
             self.dim = self.encoder().dim
-        # a row is [zs | re-ranking vector] where the model re-ranks (model/rerank.py): the index holds
+        # a row is [zs | re-ranking parts] where the model re-ranks (model/rerank.py): the index holds
         # the first search_dim columns, vectors.npy whole rows
         self.search_dim = int(self.config.get("search_dim") or self.dim)
         if self.opt.index != "auto":
@@ -724,7 +724,7 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
             "dir": "model",
         },
         "dim": dim,
-        # rows of vectors.npy are [zs | re-ranking vector] where the model re-ranks (model/rerank.py);
+        # rows of vectors.npy are [zs | re-ranking parts] where the model re-ranks (model/rerank.py);
         # the index holds the first search_dim columns
         "search_dim": int(config.get("search_dim") or dim),
         "rerank": config.get("rerank"),

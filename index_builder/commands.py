@@ -307,7 +307,8 @@ def _cmd_info(args) -> int:
         )
         shards = f" in {snap.shards} shards" if snap.shards > 1 else ""
         rr = snap.rerank
-        dims = (f"{snap.search_dim}-d searched + {rr.dim}-d re-ranking the top {rr.top} ({rr.vector})"
+        raw = f" + {rr.raw_dim}-d backbone features" if rr is not None and rr.raw_dim else ""
+        dims = (f"{snap.search_dim}-d searched + {rr.dim}-d{raw} re-ranking the top {rr.top} ({rr.vector})"
                 if rr is not None else f"{snap.dim}-d")
         print(
             f"  {snap.count} photos, {dims}, index {ix['factory']}{shards} {ix.get('search_params') or 'exact'}, "

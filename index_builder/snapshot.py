@@ -24,7 +24,7 @@ import numpy as np
 from model.ground.checkpoint import MODEL_FILES, checkpoint_sha256
 from model.ground.errors import UserError
 from model.ground.files import fsync_dir, fsync_tree, sha256_file, write_text_atomic
-from model.rerank import RerankConfig, rerank, split_rows
+from model.rerank import RerankConfig, rerank, second_query, split_rows, unit_parts
 
 LOG = logging.getLogger(__name__)
 
@@ -191,9 +191,9 @@ class Snapshot:
         # the columns the index holds; the rest re-rank the index's candidates (model/rerank.py)
         self.search_dim: int = int(manifest.get("search_dim") or self.dim)
         self.rerank: RerankConfig | None = RerankConfig.from_dict(manifest.get("rerank"))
-        if self.rerank is not None and self.search_dim + self.rerank.dim != self.dim:
+        if self.rerank is not None and self.search_dim + self.rerank.width != self.dim:
             raise SnapshotError(f"{path}: {self.dim}-d rows are not {self.search_dim}-d searched "
-                                f"+ {self.rerank.dim}-d re-ranking")
+                                f"+ {self.rerank.width}-d re-ranking")
         self._ids: np.ndarray | None = None  # ids.npy and vectors.npy (memory-mapped), for re-ranking
         self._vectors: np.ndarray | None = None
         self.count: int = int(manifest["count"])
@@ -312,7 +312,7 @@ class Snapshot:
             db_ids = np.array([r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")], np.int64)
         if not np.array_equal(db_ids, ids):
             raise SnapshotError("the photo store and ids.npy hold different ids")
-        parts = split_rows(np.asarray(vectors), self.search_dim) if self.rerank else (np.asarray(vectors),)
+        parts = unit_parts(np.asarray(vectors), self.search_dim, self.rerank)
         for part in parts:
             norms = np.linalg.norm(part, axis=1) if self.count else np.ones(0)
             if not np.isfinite(norms).all() or (np.abs(norms - 1) > 1e-3).any():
@@ -333,7 +333,7 @@ class Snapshot:
         """(n, dim) float32 model rows -> scores (n, k) float32, ids (n, k) int64.
 
         Scores are cosines of the searched part, or where the snapshot re-ranks (`rerank`), the
-        second stage's mean of two cosines over the index's top `rerank.top` candidates
+        second stage's weighted mean of cosines over the index's top `rerank.top` candidates
         (model/rerank.py). Where fewer than k photos exist, ids are -1 and scores -inf.
         """
         from index_builder import faiss_index
@@ -352,8 +352,8 @@ class Snapshot:
         # candidates' rows in vectors.npy (ids.npy is sorted); a missing candidate (-1) reads row 0
         rows = np.where(cand >= 0, np.searchsorted(self._ids, np.maximum(cand, 0)), 0)
         cand_vecs = np.asarray(self._vectors[rows.ravel(), self.search_dim :]).reshape(*cand.shape, -1)
-        second = np.einsum("nd,nrd->nr", second_q, cand_vecs)
-        return rerank(cand, first, second, self.rerank.weight, k)  # top >= k: (n, k) each
+        second = np.einsum("nd,nrd->nr", second_query(second_q, self.rerank), cand_vecs)
+        return rerank(cand, first, second, self.rerank.share, k)  # top >= k: (n, k) each
 
     def lookup(self, ids: Sequence[int]) -> list[dict | None]:
         """Photo records for ids, in order: {"id", "key", "path", "sha256", "metadata"}; None for unknown

@@ -48,7 +48,10 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
     ("--rerank", "rerank", {"choices": ["infonce", "adapter", "none"]},
      "the served second stage over IIAE's candidates (docs/MODEL.md, 'Re-ranking')"),
     ("--rerank-top", "rerank_top", {"type": int, "metavar": "R"}, "IIAE candidates the second stage re-orders"),
-    ("--rerank-weight", "rerank_weight", {"type": float, "metavar": "W"}, "the second cosine's share of the score"),
+    ("--rerank-weight", "rerank_weight", {"type": float, "metavar": "W"},
+     "the re-ranking vector's cosine's share of the score"),
+    ("--rerank-raw-weight", "rerank_raw_weight", {"type": float, "metavar": "U"},
+     "the standardised backbone features' cosine's share of the score (0: leave them out of the rows)"),
 )
 # The same for FinetuneConfig (model/finetune.py); their argparse dests are "finetune_" + field.
 FINETUNE_FLAGS: tuple[tuple[str, str, dict, str], ...] = (

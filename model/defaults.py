@@ -10,7 +10,9 @@ DEFAULT_ADAPTER_OUTPUT = "l2"
 DEFAULT_IIAE_EMA = 0.998
 
 # The served second stage (model/rerank.py): which vector re-orders IIAE's top candidates ("infonce",
-# "adapter" or "none"), how many candidates, and the second cosine's share of the score.
+# "adapter" or "none"), how many candidates, that vector's share of the score, and the share of the
+# backbone's standardised features (0: not used).
 DEFAULT_RERANK = "infonce"
-DEFAULT_RERANK_TOP = 200
+DEFAULT_RERANK_TOP = 400
 DEFAULT_RERANK_WEIGHT = 0.5
+DEFAULT_RERANK_RAW_WEIGHT = 0.25

@@ -34,7 +34,7 @@ from model.images import load_image
 from model.metrics import evaluate_retrieval, evaluate_scored, pr_curve, ranked_relevance
 from model.peer import InfoNCEPeer
 from model.pipeline import SBIRModel
-from model.rerank import rerank_matrix, split_rows
+from model.rerank import rerank_matrix, second_scores, split_rows
 from model.train import prepare
 
 LOG = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _served_scores(qe: np.ndarray, ge: np.ndarray, model):
     """Scores of queries in a slice against the gallery whose order is the service's: IIAE's
     candidates re-ranked by the model's second stage (model.rerank)."""
     (q1, q2), (g1, g2) = split_rows(qe, model.search_dim), split_rows(ge, model.search_dim)
-    return lambda sl: rerank_matrix(q1[sl] @ g1.T, q2[sl] @ g2.T, model.rerank)
+    return lambda sl: rerank_matrix(q1[sl] @ g1.T, second_scores(q2[sl], g2, model.rerank), model.rerank)
 
 
 def _task_rows(fs: FeatureSet, records: list[Record], split: Split, generalised: bool, seed: int,

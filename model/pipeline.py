@@ -1,9 +1,9 @@
 """The whole encoder as one object: image -> backbone -> adapter -> IIAE's rx / ry -> zs.
 
 `SBIRModel` is what the index builder and the service load. With a served second stage
-(`config["rerank"]`, model.rerank) a row is `[zs | v]`: IIAE's zs, which the index searches, then the
-vector that re-ranks IIAE's top candidates (the InfoNCE peer's, whose weights the checkpoint then
-holds); each part is a unit vector. A checkpoint is a directory with
+(`config["rerank"]`, model.rerank) a row is `[zs | v | r]`: IIAE's zs, which the index searches, then
+what re-ranks IIAE's top candidates: the InfoNCE peer's vector (whose weights the checkpoint then
+holds) and the backbone's features standardised by the adapter's statistics; each part is a unit vector. A checkpoint is a directory with
 `model.safetensors` (adapter and IIAE weights) and `config.json` (backbone name and weights sha256,
 every dimension and hyperparameter, the split and a hash of the training data). The backbone's own
 weights are not copied: they are found by name and verified by sha256 on load.
@@ -52,7 +52,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 class SBIRModel:
     """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) rows: unit
-    vectors of `search_dim`, or `[zs | v]` (two unit parts) where the model re-ranks (`rerank`)."""
+    vectors of `search_dim`, or `[zs | v | r]` (unit parts) where the model re-ranks (`rerank`)."""
 
     def __init__(
         self,
@@ -81,6 +81,9 @@ class SBIRModel:
             made = self.peer.out_dim if self.rerank.vector == "infonce" else self.adapter.cfg.output_dim
             if self.rerank.dim != made:
                 raise ValueError(f"re-ranking with {self.rerank.dim}-d vectors, the {self.rerank.vector} makes {made}-d")
+            if self.rerank.raw_dim not in (0, self.adapter.cfg.input_dim):
+                raise ValueError(f"re-ranking with {self.rerank.raw_dim}-d backbone features, the backbone makes "
+                                 f"{self.adapter.cfg.input_dim}-d")
         self.sha256: str | None = None
 
     @property
@@ -91,7 +94,7 @@ class SBIRModel:
     @property
     def dim(self) -> int:
         """Width of an encoded row: `search_dim`, plus the re-ranking part where there is one."""
-        return self.search_dim + (self.rerank.dim if self.rerank is not None else 0)
+        return self.search_dim + (self.rerank.width if self.rerank is not None else 0)
 
     # --- encoding -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,7 +111,10 @@ class SBIRModel:
             z = self.iiae.encode_photos(a)
         if self.rerank is not None:
             v = self.peer.encode(a, domain) if self.rerank.vector == "infonce" else F.normalize(a, dim=-1)
-            z = torch.cat([z, v], dim=-1)
+            parts = [z, v]
+            if self.rerank.raw_dim:  # the backbone's features, standardised as the adapter's input is
+                parts.append(F.normalize(self.adapter.standardise(x, domain), dim=-1))
+            z = torch.cat(parts, dim=-1)
         return z.float().cpu().numpy()
 
     def _autocast(self):

@@ -27,6 +27,7 @@ from model.defaults import (
     DEFAULT_ADAPTER_OUTPUT,
     DEFAULT_IIAE_EMA,
     DEFAULT_RERANK,
+    DEFAULT_RERANK_RAW_WEIGHT,
     DEFAULT_RERANK_TOP,
     DEFAULT_RERANK_WEIGHT,
 )
@@ -85,12 +86,14 @@ class TrainConfig:
     peer_max_steps: int = 3000
     # which output is the served embedding; "iiae" unless IIAE is switched off
     embedding: str = "iiae"
-    # The served second stage (model/rerank.py): IIAE's top `rerank_top` candidates re-ordered by the
-    # mean of zs's cosine and the InfoNCE peer's ("adapter": the adapter's output; "none": zs alone).
+    # The served second stage (model/rerank.py): IIAE's top `rerank_top` candidates re-ordered by a
+    # weighted mean of zs's cosine, the InfoNCE peer's ("adapter": the adapter's output; "none": zs
+    # alone; share `rerank_weight`) and the standardised backbone features' (share `rerank_raw_weight`).
     # Chosen on validation classes (docs/BENCHMARKS.md, "Served re-ranking").
     rerank: str = DEFAULT_RERANK
     rerank_top: int = DEFAULT_RERANK_TOP
     rerank_weight: float = DEFAULT_RERANK_WEIGHT
+    rerank_raw_weight: float = DEFAULT_RERANK_RAW_WEIGHT
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
     # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
     # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
@@ -462,7 +465,9 @@ def train_all(
     rerank = None
     if cfg.rerank != "none" and cfg.embedding == "iiae":
         dim = cfg.latent_dim if cfg.rerank == "infonce" else cfg.adapter_dim
-        rerank = RerankConfig(cfg.rerank, dim, cfg.rerank_top, cfg.rerank_weight).to_dict()
+        raw_dim = adapter.cfg.input_dim if cfg.rerank_raw_weight > 0 else 0
+        rerank = RerankConfig(cfg.rerank, dim, cfg.rerank_top, cfg.rerank_weight, cfg.rerank_raw_weight,
+                              raw_dim).to_dict()
     config = {
         "embedding": cfg.embedding,
         "rerank": rerank,

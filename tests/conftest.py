@@ -30,6 +30,12 @@ def untrained_checkpoint(tmp_path_factory):
     """
     from model.adapter import AdapterConfig, FeatureAdapter
     from model.backbones import create_backbone
+    from model.defaults import (
+        DEFAULT_RERANK,
+        DEFAULT_RERANK_RAW_WEIGHT,
+        DEFAULT_RERANK_TOP,
+        DEFAULT_RERANK_WEIGHT,
+    )
     from model.iiae import IIAE, IIAEConfig
     from model.peer import InfoNCEPeer
     from model.pipeline import SBIRModel
@@ -39,9 +45,12 @@ def untrained_checkpoint(tmp_path_factory):
     backbone = create_backbone("efficientnet_lite2")
     adapter = FeatureAdapter(AdapterConfig(input_dim=backbone.dim))
     iiae = IIAE(IIAEConfig())
-    # as trained models are served: IIAE's zs finds candidates, the peer re-ranks them (model/rerank.py)
+    # as trained models are served: IIAE's zs finds candidates, the peer's vector and the standardised
+    # backbone features re-rank them (model/rerank.py), with the training defaults
     peer = InfoNCEPeer(adapter.cfg.output_dim, 64)
-    config = {"training": {"note": "untrained test fixture"}, "rerank": RerankConfig().to_dict()}
+    rerank = RerankConfig(DEFAULT_RERANK, 64, DEFAULT_RERANK_TOP, DEFAULT_RERANK_WEIGHT, DEFAULT_RERANK_RAW_WEIGHT,
+                          backbone.dim)
+    config = {"training": {"note": "untrained test fixture"}, "rerank": rerank.to_dict()}
     model = SBIRModel(backbone, adapter, iiae, config, peer=peer)
     path = tmp_path_factory.mktemp("ckpt") / "model"
     model.save(path)

@@ -22,7 +22,7 @@ from index_builder.snapshot import (
     snapshots_dir,
 )
 from model.pipeline import checkpoint_sha256
-from model.rerank import RerankConfig, rerank_matrix
+from model.rerank import RerankConfig, rerank_matrix, second_scores, unit_parts
 from sbir.cli import main as sbir_main
 
 DIM = 16
@@ -46,8 +46,9 @@ def write_snapshot(root: Path, ckpt: Path, n: int = 40, seed: int = 0, factory: 
     index = fi.build_index(vectors, ids, factory)
     recall = fi.tune_and_measure(index, vectors, ids, sample=20)
     if rerank is not None:
-        second = rng.standard_normal((n, rerank.dim)).astype(np.float32)
-        vectors = np.hstack([vectors, second / np.linalg.norm(second, axis=1, keepdims=True)])
+        vectors = np.hstack([vectors, rng.standard_normal((n, rerank.width)).astype(np.float32)])
+        for part in unit_parts(vectors, DIM, rerank)[1:]:  # views: each re-ranking part a unit vector
+            part /= np.linalg.norm(part, axis=1, keepdims=True)
     rows = [
         (
             int(pid),
@@ -116,23 +117,24 @@ def test_search_equals_numpy_and_pads_with_minus_one(tmp_path, ckpt):
     assert (found[:, 40:] == -1).all() and np.isneginf(scores[:, 40:]).all()
 
 
-@pytest.mark.parametrize("n, k", [(40, 5), (40, 60), (300, 12)])
-def test_a_reranking_snapshot_answers_as_the_evaluation_ranks(tmp_path, ckpt, n, k):
+@pytest.mark.parametrize("n, k, raw", [(40, 5, 0), (40, 60, 0), (300, 12, 0), (40, 5, 12), (300, 12, 12)])
+def test_a_reranking_snapshot_answers_as_the_evaluation_ranks(tmp_path, ckpt, n, k, raw):
     """The index finds the top candidates by the first part; the second stage re-orders them
-    (model/rerank.py), exactly as `sbir eval` scores the served method (for k <= top)."""
-    cfg = RerankConfig(vector="adapter", dim=8, top=20, weight=0.5)
+    (model/rerank.py), exactly as `sbir eval` scores the served method (for k <= top), with or
+    without the standardised backbone features as a third part."""
+    cfg = RerankConfig(vector="adapter", dim=8, top=20, weight=0.5, raw_weight=0.25 if raw else 0.0, raw_dim=raw)
     root = tmp_path / "index"
     _, ids, vectors = write_snapshot(root, ckpt, n=n, rerank=cfg)
     rng = np.random.default_rng(5)
-    q = rng.standard_normal((4, DIM + 8)).astype(np.float32)
-    q[:, :DIM] /= np.linalg.norm(q[:, :DIM], axis=1, keepdims=True)
-    q[:, DIM:] /= np.linalg.norm(q[:, DIM:], axis=1, keepdims=True)
+    q = rng.standard_normal((4, DIM + cfg.width)).astype(np.float32)
+    for part in unit_parts(q, DIM, cfg):
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
     with Snapshot.open(root, verify=True) as snap:
-        assert snap.dim == DIM + 8 and snap.search_dim == DIM and snap.rerank == cfg
+        assert snap.dim == DIM + 8 + raw and snap.search_dim == DIM and snap.rerank == cfg
         scores, found = snap.search(q, k)
     # asked for more than `top`, the second stage re-orders the first k candidates
-    wide = RerankConfig(cfg.vector, cfg.dim, max(k, cfg.top), cfg.weight)
-    full = rerank_matrix(q[:, :DIM] @ vectors[:, :DIM].T, q[:, DIM:] @ vectors[:, DIM:].T, wide)
+    wide = RerankConfig(cfg.vector, cfg.dim, max(k, cfg.top), cfg.weight, cfg.raw_weight, cfg.raw_dim)
+    full = rerank_matrix(q[:, :DIM] @ vectors[:, :DIM].T, second_scores(q[:, DIM:], vectors[:, DIM:], wide), wide)
     order = np.argsort(-full, axis=1, kind="stable")
     shown = min(k, n)
     np.testing.assert_array_equal(found[:, :shown], ids[order[:, :shown]])

@@ -4,8 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
+from model.defaults import DEFAULT_RERANK_TOP
 from model.ground.errors import UserError
 from model.pipeline import SBIRModel, checkpoint_sha256
 
@@ -22,11 +24,17 @@ def _images():
 def test_checkpoint_round_trip(untrained_checkpoint, tmp_path):
     model = SBIRModel.load(untrained_checkpoint, device="cpu")
     a = model.encode_sketches(_images())
-    # a row is [zs | the peer's vector] (model/rerank.py), each part a unit vector
+    # a row is [zs | the peer's vector | standardised backbone features] (model/rerank.py), each part a
+    # unit vector; the last is the adapter's standardisation of the backbone's features
+    d = model.adapter.cfg.input_dim
     assert model.search_dim == 64 and model.rerank.vector == "infonce" and model.rerank.dim == 64
-    assert a.shape == (3, 128) and a.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(a[:, :64], axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(a[:, 64:], axis=1), 1, atol=1e-5)
+    assert model.rerank.raw_dim == d and model.dim == 128 + d
+    assert a.shape == (3, 128 + d) and a.dtype == np.float32
+    for part in (a[:, :64], a[:, 64:128], a[:, 128:]):
+        np.testing.assert_allclose(np.linalg.norm(part, axis=1), 1, atol=1e-5)
+    feats = model.backbone_features(torch.stack([model.preprocess_sketch(im) for im in _images()]))
+    r = torch.nn.functional.normalize(model.adapter.standardise(feats, "sketch"), dim=-1).numpy()
+    np.testing.assert_allclose(a[:, 128:], r, atol=1e-5)
     sha = model.save(tmp_path / "copy")
     assert sha == checkpoint_sha256(tmp_path / "copy") == model.sha256
     again = SBIRModel.load(tmp_path / "copy", device="cpu")
@@ -35,7 +43,7 @@ def test_checkpoint_round_trip(untrained_checkpoint, tmp_path):
     assert cfg["backbone"]["name"] == "efficientnet_lite2"
     assert len(cfg["backbone"]["weights_sha256"]) == 64
     assert cfg["iiae"]["latent_dim"] == 64 and cfg["adapter"]["output_dim"] == 512
-    assert cfg["dim"] == 128 and cfg["search_dim"] == 64 and cfg["rerank"]["top"] == 200
+    assert cfg["dim"] == 128 + d and cfg["search_dim"] == 64 and cfg["rerank"]["top"] == DEFAULT_RERANK_TOP
     # sketch and photo encoders are different networks
     assert not np.allclose(again.encode_photos(_images()), a)
 

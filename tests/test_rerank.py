@@ -1,10 +1,10 @@
-"""The served second stage (model/rerank.py): IIAE's candidates re-ordered by the mean of two cosines,
+"""The served second stage (model/rerank.py): IIAE's candidates re-ordered by a weighted mean of cosines,
 the same in the evaluation's full-gallery form and in the service's candidate form."""
 
 import numpy as np
 import pytest
 
-from model.rerank import RerankConfig, fuse, rerank, rerank_matrix, split_rows
+from model.rerank import RerankConfig, fuse, rerank, rerank_matrix, second_scores, split_rows, unit_parts
 
 
 def _unit(x):
@@ -51,9 +51,37 @@ def test_rows_split_into_the_searched_and_the_reranking_part():
     assert a.shape == (2, 4) and b.shape == (2, 2) and b[0].tolist() == [4.0, 5.0]
 
 
-@pytest.mark.parametrize("bad", [{"vector": "pixels"}, {"top": 0}, {"weight": 1.5}, {"dim": 0}])
+@pytest.mark.parametrize("bad", [{"vector": "pixels"}, {"top": 0}, {"weight": 1.5}, {"dim": 0},
+                                 {"weight": 0.8, "raw_weight": 0.3, "raw_dim": 8}, {"raw_weight": 0.2},
+                                 {"raw_dim": 8}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         RerankConfig(**bad)
     assert RerankConfig.from_dict(None) is None
     assert RerankConfig.from_dict(RerankConfig().to_dict()) == RerankConfig()
+
+
+def test_three_parts_score_as_the_weighted_mean_of_their_cosines():
+    """`[zs | v | r]` rows: the second stage's one dot product (`second_query`) gives
+    (1 - w - u) cos(zs) + w cos(v) + u cos(r), ranked over the top candidates."""
+    rng = np.random.default_rng(1)
+    cfg = RerankConfig(vector="adapter", dim=4, top=30, weight=0.5, raw_weight=0.25, raw_dim=6)
+    q, g = rng.normal(size=(5, 3 + cfg.width)), rng.normal(size=(40, 3 + cfg.width))
+    for rows in (q, g):
+        for part in unit_parts(rows, 3, cfg):
+            part /= np.linalg.norm(part, axis=1, keepdims=True)
+    zs, v, r = (a @ b.T for a, b in zip(unit_parts(q, 3, cfg), unit_parts(g, 3, cfg), strict=True))
+    expected = 0.25 * zs + 0.5 * v + 0.25 * r
+    (q1, q2), (g1, g2) = split_rows(q, 3), split_rows(g, 3)
+    full = rerank_matrix(q1 @ g1.T, second_scores(q2, g2, cfg), cfg)
+    cand = np.argsort(-zs, axis=1, kind="stable")[:, :30]
+    np.testing.assert_allclose(np.take_along_axis(full, cand, 1), np.take_along_axis(expected, cand, 1), atol=1e-9)
+    assert cfg.width == 10 and cfg.share == 0.75
+
+
+def test_rows_of_a_model_without_raw_features_are_two_parts():
+    cfg = RerankConfig(vector="adapter", dim=4)
+    rows = np.ones((2, 7))
+    assert [p.shape[1] for p in unit_parts(rows, 3, cfg)] == [3, 4]
+    assert [p.shape[1] for p in unit_parts(rows, 7, None)] == [7]
+    assert RerankConfig.from_dict({"vector": "infonce", "dim": 64, "top": 200, "weight": 0.5}).raw_dim == 0

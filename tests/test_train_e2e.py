@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from model.data.dataset import Record, Split
+from model.defaults import DEFAULT_RERANK_TOP
 from model.evaluate import evaluate_runs
 from model.features import NORM_VIEW, FeatureSet
 from model.train import TrainConfig, train_all
@@ -88,8 +89,8 @@ def test_unseen_class_retrieval_beats_raw_features_and_chance(trained, tmp_path)
 
 
 def test_the_served_model_reranks_iiae_candidates_with_the_peer(trained, tmp_path):
-    """The checkpoint holds the peer; a row is [zs | peer vector]; `sbir eval` reports the served
-    ranking (IIAE's candidates re-ordered) beside IIAE's zs alone."""
+    """The checkpoint holds the peer; a row is [zs | peer vector | standardised features]; `sbir eval`
+    reports the served ranking (IIAE's candidates re-ordered) beside IIAE's zs alone."""
     from safetensors.torch import load_file
 
     from model.peer import InfoNCEPeer
@@ -97,17 +98,21 @@ def test_the_served_model_reranks_iiae_candidates_with_the_peer(trained, tmp_pat
 
     fs, records, split, out, _ = trained
     model = SBIRModel.load(out / "model", device="cpu", with_backbone=False)
-    assert model.rerank is not None and model.rerank.vector == "infonce" and model.rerank.top == 200
-    assert model.search_dim == 16 and model.dim == 32
+    assert model.rerank is not None and model.rerank.vector == "infonce" and model.rerank.top == DEFAULT_RERANK_TOP
+    d = fs.feats.shape[1]
+    assert model.rerank.raw_dim == d and model.search_dim == 16 and model.dim == 32 + d
     rows = model.encode_features(fs.feats[:20], "photo")
     np.testing.assert_allclose(np.linalg.norm(rows[:, :16], axis=1), 1, atol=1e-5)
+    standardised = (fs.feats[:20] - model.adapter.photo_mean.numpy()) / model.adapter.photo_std.numpy()
+    np.testing.assert_allclose(rows[:, 32:], standardised / np.linalg.norm(standardised, axis=1, keepdims=True),
+                               atol=1e-5)
     peer = InfoNCEPeer(32, 16)
     peer.load_state_dict(load_file(str(out / "peer_infonce.safetensors")))  # the comparison model's file
     import torch
 
     with torch.no_grad():
         v = peer.encode(model.adapter(torch.from_numpy(fs.feats[:20]).float(), "photo"), "photo").numpy()
-    np.testing.assert_allclose(rows[:, 16:], v, atol=1e-5)
+    np.testing.assert_allclose(rows[:, 16:32], v, atol=1e-5)
     report = evaluate_runs(tmp_path, records, fs, [out], tmp_path, figures=False)
     res = report["runs"][0]["tasks"]["instance"]
     assert {"served", "iiae", "infonce"} <= set(res)
