@@ -579,8 +579,8 @@ def _calibration(config: dict, precision: str, previous: Snapshot | None) -> dic
         raise UserError(f"no int8 calibration for backbone {name!r}: {exc}") from None
     if current is None:
         raise UserError(f"backbone {name!r} has no int8 calibration; build with --cpu-precision fp32")
-    if previous is not None and previous.int8_calibration != current:
-        built = previous.int8_calibration
+    built = previous.int8_calibration if previous is not None else None
+    if previous is not None and (built or {}).get("sha256") != current["sha256"]:
         what = (f"calibration {built['file']} sha256 {built['sha256'][:12]}" if built
                 else "a calibration it does not record (built before sbir recorded it)")
         raise UserError(

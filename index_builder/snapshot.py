@@ -205,6 +205,10 @@ class Snapshot:
         self.int8_calibration: dict | None = (
             manifest["model"].get("int8_calibration") if self.precision == "int8" else None
         )
+        cal = self.int8_calibration
+        if cal is not None and not (isinstance(cal, dict) and isinstance(cal.get("file"), str)
+                                    and isinstance(cal.get("sha256"), str)):
+            raise SnapshotError(f"{path}: model.int8_calibration is not a {{file, sha256}} record: {cal!r}")
         self.model_dir: Path = path / MODEL_DIR
         self.factory: str = manifest["index"]["factory"]
         self.shards: int = int((manifest["index"].get("shards") or {}).get("count", 1))

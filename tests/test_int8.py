@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from test_index_support import build_cli, make_photos, sbir
 
-from index_builder.snapshot import Snapshot
+from index_builder.snapshot import Snapshot, SnapshotError
 from model import quantize
 from model.backbones import (
     INT8_MIN_COSINE,
@@ -225,7 +225,25 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
     with TestClient(served) as client:
         assert client.get("/readyz").status_code == 200
         assert client.get("/info").json()["model"]["precision"] == "int8"
+        assert client.get("/info").json()["model"]["int8_calibration"] == calibration
         assert client.post("/search", json=strokes).status_code == 200
+
+    # an int8 snapshot built before the calibration was recorded: shown as such, and not updated in place
+    with Snapshot.open(root) as snap:
+        manifest_path = snap.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["int8_calibration"] = "efficientnet_lite2.int8.json"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="int8_calibration is not a {file, sha256} record"):
+        Snapshot.open(root)
+    del manifest["model"]["int8_calibration"]
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert sbir("index", "info", root) == 0
+    assert "backbone in int8, calibration not recorded" in capsys.readouterr().out
+    assert sbir("index", "update", root, photos, "--cpu-precision", "auto", "--workers", 0, "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "holds int8 vectors of a calibration it does not record" in err and "pass --rebuild" in err
 
 
 def test_int8_on_a_gpu_is_refused_before_anything_loads(untrained_checkpoint):
