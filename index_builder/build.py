@@ -274,7 +274,8 @@ class _Job:
         """The job's precision and work folder, and its private copy of the checkpoint."""
         config = json.loads((self.model_src / MODEL_FILES[0]).read_text(encoding="utf-8"))
         self.precision = _precision(config, self.opt, self.previous if self.reuses else None)
-        self.job_dir = job_dir_of(self.root, self.model_sha, self.precision)
+        self.calibration = _calibration(config, self.precision, self.previous if self.reuses else None)
+        self.job_dir = job_dir_of(self.root, self.model_sha, self.precision, self.calibration)
         self.staged = _stage_model(self.model_src, self.job_dir, self.model_sha)
         self.config = json.loads((self.staged / MODEL_FILES[0]).read_text(encoding="utf-8"))
 
@@ -389,7 +390,7 @@ class _Job:
         t = time.perf_counter()
         manifest = _manifest(
             self.config, self.model_sha, self.dim, self.plan, self.recall, opt, self.collection, self.previous,
-            len(self.ids), self.mode, self.embedding.get("device"), self.precision,
+            len(self.ids), self.mode, self.embedding.get("device"), self.precision, self.calibration,
         )  # fmt: skip
         manifest["index"]["shards"] = {
             "count": self.n_shards,
@@ -434,7 +435,7 @@ class _Job:
     # --- embedding, here or on a Ray cluster ------------------------------------------------------
     def encoder(self):
         if self.model is None:
-            self.model = _load_model(self.staged, self.opt, self.precision)
+            self.model = _load_model(self.staged, self.opt, self.precision, self.calibration)
         return self.model
 
     def _embed_here(self, items: list[DecodeItem], first: bool) -> tuple[EmbedStats, dict]:
@@ -477,6 +478,7 @@ class _Job:
             model_files=MODEL_FILES,
             device=opt.device,
             precision=self.precision,
+            calibration=self.calibration,
             actors=opt.ray_actors,
             actor_cpus=opt.ray_actor_cpus,
             batch_size=opt.batch_size,
@@ -529,9 +531,14 @@ def _stage_model(src: Path, job_dir: Path, sha: str) -> Path:
     return staged
 
 
-def job_dir_of(root: Path, model_sha: str, precision: str) -> Path:
-    """The work folder of a job: embeddings of one model in one precision (never mixed in a cache)."""
-    return Path(root) / WORK_DIR / (model_sha[:16] + ("" if precision == "fp32" else f"-{precision}"))
+def job_dir_of(root: Path, model_sha: str, precision: str, calibration: dict | None = None) -> Path:
+    """The work folder of a job: embeddings of one model in one precision, and in int8 of one
+    calibration (`calibration`, model.quantize.calibration_record), never mixed in a cache:
+    `<model sha256[:16]>` in fp32, `<model sha256[:16]>-int8-<calibration sha256[:12]>` in int8."""
+    if precision == "fp32":
+        return Path(root) / WORK_DIR / model_sha[:16]
+    assert calibration is not None, f"a {precision} job needs its calibration record"
+    return Path(root) / WORK_DIR / f"{model_sha[:16]}-{precision}-{calibration['sha256'][:12]}"
 
 
 def _precision(config: dict, opt: BuildOptions, previous: Snapshot | None) -> str:
@@ -558,10 +565,36 @@ def _precision(config: dict, opt: BuildOptions, previous: Snapshot | None) -> st
         raise UserError(str(exc)) from None
 
 
-def _load_model(ckpt: Path, opt: BuildOptions, precision: str):
+def _calibration(config: dict, precision: str, previous: Snapshot | None) -> dict | None:
+    """The int8 calibration this job's vectors come from (None in fp32); an update refuses a snapshot
+    whose int8 vectors came from another calibration, or from one it did not record."""
+    if precision != "int8":
+        return None
+    from model.backbones import int8_calibration_of
+
+    name = config.get("backbone", {}).get("name", "")
     try:
-        return load_photo_encoder(ckpt, opt.device, opt.threads, precision)
-    except RuntimeError as exc:  # an int8 graph that cannot be made or does not agree
+        current = int8_calibration_of(name)
+    except (KeyError, OSError) as exc:
+        raise UserError(f"no int8 calibration for backbone {name!r}: {exc}") from None
+    if current is None:
+        raise UserError(f"backbone {name!r} has no int8 calibration; build with --cpu-precision fp32")
+    built = previous.int8_calibration if previous is not None else None
+    if previous is not None and (built or {}).get("sha256") != current["sha256"]:
+        what = (f"calibration {built['file']} sha256 {built['sha256'][:12]}" if built
+                else "a calibration it does not record (built before sbir recorded it)")
+        raise UserError(
+            f"snapshot {previous.id} holds int8 vectors of {what}; this sbir quantizes with "
+            f"{current['file']} sha256 {current['sha256'][:12]}: int8 vectors of two calibrations are not "
+            "comparable; pass --rebuild to re-embed every photo with this one"
+        )
+    return current
+
+
+def _load_model(ckpt: Path, opt: BuildOptions, precision: str, calibration: dict | None = None):
+    try:
+        return load_photo_encoder(ckpt, opt.device, opt.threads, precision, calibration)
+    except RuntimeError as exc:  # an int8 graph that cannot be made, does not agree, or is of another calibration
         raise UserError(f"{exc}; build with --cpu-precision fp32") from None
 
 
@@ -697,7 +730,9 @@ def _plan(n: int, dim: int, opt: BuildOptions) -> faiss_index.IndexPlan:
     return faiss_index.IndexPlan(opt.index, faiss_index.kind_of(opt.index), "given with --index", None)
 
 
-def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, count, mode, device, precision) -> dict:
+def _manifest(
+    config, model_sha, dim, plan, recall, opt, collection, previous, count, mode, device, precision, calibration
+) -> dict:
     import faiss
     import torch
 
@@ -722,7 +757,7 @@ def _manifest(config, model_sha, dim, plan, recall, opt, collection, previous, c
             "precision": precision,
             "dim": dim,
             "dir": "model",
-        },
+        } | ({"int8_calibration": calibration} if precision == "int8" else {}),
         "dim": dim,
         # rows of vectors.npy are [zs | re-ranking parts] where the model re-ranks (model/rerank.py);
         # the index holds the first search_dim columns

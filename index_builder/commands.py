@@ -320,6 +320,10 @@ def _cmd_info(args) -> int:
             f"  model {snap.model_sha256[:16]} ({m['model'].get('backbone', '?')}), "
             f"built in {build.get('seconds', float('nan')):.1f}s by sbir {m.get('software', {}).get('sbir', '?')}"
         )
+        if snap.precision == "int8":
+            cal = snap.int8_calibration
+            print("  backbone in int8, " + (f"calibration {cal['file']} sha256 {cal['sha256']}" if cal else
+                                           "calibration not recorded (built before sbir recorded it)"))
         print(
             "snapshots: " + ", ".join(f"{s}{'*' if s == current else ''}" for s in list_snapshots(args.root))
         )

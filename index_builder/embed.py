@@ -389,9 +389,12 @@ def encode_block(model, items: Sequence[DecodeItem], root: Path, batch_size: int
     return encoded, vectors, failed, forward
 
 
-def load_photo_encoder(ckpt: Path, device: str = "auto", threads: int | None = None, precision: str = "fp32"):
+def load_photo_encoder(ckpt: Path, device: str = "auto", threads: int | None = None, precision: str = "fp32",
+                       calibration: dict | None = None):
     """The checkpoint loaded for embedding photos (the builder's process, or a Ray actor), its CPU
-    backbone in `precision` (the job's: index and queries use one)."""
+    backbone in `precision` (the job's: index and queries use one) and in int8 quantized from the job's
+    `calibration` (model.quantize.calibration_record): RuntimeError if it was another one (a Ray worker
+    with another sbir, or the calibration file changed while the job ran)."""
     import torch
 
     from model.pipeline import SBIRModel
@@ -399,6 +402,12 @@ def load_photo_encoder(ckpt: Path, device: str = "auto", threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     model = SBIRModel.load(ckpt, device=device, cpu_precision=precision)
+    if calibration is not None and model.int8_calibration != calibration:
+        got = model.int8_calibration or {}
+        raise RuntimeError(
+            f"the int8 backbone here was quantized from {got.get('file')} sha256 {str(got.get('sha256'))[:12]}, "
+            f"the job's vectors are of {calibration['file']} sha256 {calibration['sha256'][:12]}"
+        )
     if model.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest convolutions once
     LOG.info("model %s on %s (%s), %d-d", model.sha256[:12], model.device, model.backbone.runtime(), model.dim)

@@ -16,6 +16,7 @@ import numpy as np
 
 from index_builder.build import job_dir_of
 from index_builder.embed import EmbeddingCache
+from model.backbones import int8_calibration_of
 from model.data.dataset import Record, resolve_path
 from model.features import FeatureSet
 from model.ground.files import sha256_file
@@ -35,8 +36,13 @@ def seed_cache_from_features(
     if fs.meta["plan"]["backbone"]["weights_sha256"] != model.config["backbone"]["weights_sha256"]:
         LOG.info("feature cache %s was made with another backbone: not reused", features_dir)
         return 0
-    if fs.meta["plan"]["backbone"].get("precision", "fp32") != precision:
+    made_by = fs.meta["plan"]["backbone"]
+    if made_by.get("precision", "fp32") != precision:
         LOG.info("feature cache %s was made in another precision than %s: not reused", features_dir, precision)
+        return 0
+    calibration = int8_calibration_of(model.config["backbone"]["name"]) if precision == "int8" else None
+    if made_by.get("int8_calibration") != calibration:  # int8 features of another (or unrecorded) calibration
+        LOG.info("feature cache %s was made with another int8 calibration: not reused", features_dir)
         return 0
     rows = np.flatnonzero(
         (fs.view == 0) & np.isin(fs.record, [i for i, r in enumerate(records) if r.domain == "photo"])
@@ -45,7 +51,8 @@ def seed_cache_from_features(
         sha256_file(resolve_path(dataset, records[int(fs.record[i])]))
         for i in rows
     ]
-    cache = EmbeddingCache(job_dir_of(root, checkpoint_sha256(model_dir), precision) / "chunks", model.dim)
+    job_dir = job_dir_of(root, checkpoint_sha256(model_dir), precision, calibration)
+    cache = EmbeddingCache(job_dir / "chunks", model.dim)
     keep = [j for j, s in enumerate(shas) if s not in cache]
     if not keep:
         return 0

@@ -106,7 +106,7 @@ class PhotoEncoderActor:
     """
 
     def __init__(self, model_files, model_sha256: str, root: str, device: str, threads: int, batch_size: int,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", calibration: dict | None = None):
         import ray
 
         if isinstance(model_files, ray.ObjectRef):
@@ -116,7 +116,7 @@ class PhotoEncoderActor:
             (self._dir / name).write_bytes(data)
         if checkpoint_sha256(self._dir) != model_sha256:
             raise RuntimeError(f"the checkpoint received is not {model_sha256[:12]}")
-        self.model = load_photo_encoder(self._dir, device, threads, precision)
+        self.model = load_photo_encoder(self._dir, device, threads, precision, calibration)
         self.root = Path(root)
         self.batch_size = batch_size
 
@@ -176,13 +176,15 @@ def embed_on_ray(
     model_files: Sequence[str],
     device: str = "auto",
     precision: str = "fp32",
+    calibration: dict | None = None,
     actors: int | None = None,
     actor_cpus: float = 1.0,
     batch_size: int | None = None,
     chunk_size: int = 512,
 ) -> tuple[EmbedStats, dict]:
     """Embed `items` on the cluster into `cache`: one Ray Data block per checkpoint chunk, each written
-    by this process as soon as it arrives, so a killed job loses only the blocks still in flight."""
+    by this process as soon as it arrives, so a killed job loses only the blocks still in flight.
+    In int8 every actor checks that its backbone was quantized from the job's `calibration`."""
     todo = [it for it in items if it.sha256 not in cache]
     stats = EmbedStats()
     if not todo:
@@ -205,6 +207,7 @@ def embed_on_ray(
             "threads": max(1, int(actor_cpus)),
             "batch_size": batch,
             "precision": precision,
+            "calibration": calibration,
         },
         batch_size=chunk_size,
         batch_format="numpy",

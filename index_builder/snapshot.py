@@ -200,6 +200,15 @@ class Snapshot:
         self.model_sha256: str = manifest["model"]["sha256"]
         # the backbone precision its vectors were made in; snapshots before int8 existed are fp32
         self.precision: str = manifest["model"].get("precision", "fp32")
+        # int8: the calibration its backbone was quantized from ({"file", "sha256"}); None in fp32 and for
+        # int8 snapshots built before it was recorded
+        self.int8_calibration: dict | None = (
+            manifest["model"].get("int8_calibration") if self.precision == "int8" else None
+        )
+        cal = self.int8_calibration
+        if cal is not None and not (isinstance(cal, dict) and isinstance(cal.get("file"), str)
+                                    and isinstance(cal.get("sha256"), str)):
+            raise SnapshotError(f"{path}: model.int8_calibration is not a {{file, sha256}} record: {cal!r}")
         self.model_dir: Path = path / MODEL_DIR
         self.factory: str = manifest["index"]["factory"]
         self.shards: int = int((manifest["index"].get("shards") or {}).get("count", 1))

@@ -330,6 +330,13 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def int8_calibration_of(name: str) -> dict | None:
+    """The record of the calibration that backbone `name` is quantized from in this installation
+    (model.quantize.calibration_record); None if it has none. For code that has no loaded backbone."""
+    spec = get_spec(name)
+    return int8.calibration_record(spec.int8_calibration) if spec.int8_calibration else None
+
+
 def _is_grey(arr: np.ndarray) -> bool:
     """An (H, W, 3) uint8 image whose three channels are equal."""
     return bool(np.array_equal(arr[:, :, 0], arr[:, :, 1]) and np.array_equal(arr[:, :, 1], arr[:, :, 2]))
@@ -426,6 +433,8 @@ class Backbone(nn.Module):
         self._cpu_net: nn.Module = self.net
         self._ort: OnnxRuntimeNet | None = None
         self.precision = "fp32"  # "int8" once use_onnxruntime(precision="int8") succeeded
+        # int8: the record (model.quantize.calibration_record) of the calibration file it was quantized from
+        self.int8_calibration: dict | None = None
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.weights_path = weights_path
@@ -495,9 +504,11 @@ class Backbone(nn.Module):
         """
         try:
             graph = export_onnx(self.net, self.spec.image_size, self.spec.mean, self.spec.std)
+            calibration = None
             if precision == "int8":
                 if self.spec.int8_calibration is None:
                     raise ValueError(f"backbone {self.spec.name} has no int8 calibration")
+                calibration = int8.calibration_record(self.spec.int8_calibration)
                 graph = int8.quantize(graph, int8.calibration_file(self.spec.int8_calibration))
             ort_net = OnnxRuntimeNet(graph, threads or torch.get_num_threads(), precision)
             probe = int8_probe(self.spec.image_size) if precision == "int8" else torch.randint(
@@ -528,13 +539,17 @@ class Backbone(nn.Module):
                 LOG.warning("backbone %s runs on torch's CPU path: onnxruntime is not usable (%s)", self.spec.name, exc)
             return False
         self.precision = precision
+        self.int8_calibration = calibration
         LOG.info("backbone %s: CPU forward by onnxruntime %s %s (%d threads), %.1g from torch%s",
                  self.spec.name, ort_net.version, precision, ort_net.threads, error,
                  " (1 - min cosine)" if precision == "int8" else "")
         return True
 
     def describe(self) -> dict:
-        # "precision" only for int8: float32 descriptions (feature caches' plans, checkpoints) stay as they were
+        # "precision" and "int8_calibration" only for int8: float32 descriptions (feature caches' plans,
+        # checkpoints) stay as they were; an int8 one names its calibration file and its sha256, so int8
+        # features of another calibration never count as the same (model/features.py's plan)
+        int8_only = {"precision": self.precision, "int8_calibration": self.int8_calibration}
         return {
             "name": self.spec.name,
             "image_size": self.spec.image_size,
@@ -542,7 +557,7 @@ class Backbone(nn.Module):
             "weights_sha256": self.weights_sha256,
             "weights_file": self.weights_path.name,
         } | ({"finetuned": self.finetuned} if self.finetuned else {}) | (
-            {"precision": self.precision} if self.precision != "fp32" else {})
+            int8_only if self.precision != "fp32" else {})
 
     @property
     def cpu_runtime(self) -> str:

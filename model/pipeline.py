@@ -261,10 +261,16 @@ class SBIRModel:
         """"int8" or "fp32": what the backbone runs in (model.backbones.cpu_precision_for)."""
         return self.backbone.precision if self.backbone is not None else "fp32"
 
+    @property
+    def int8_calibration(self) -> dict | None:
+        """int8: the calibration its backbone was quantized from (model.quantize.calibration_record)."""
+        return self.backbone.int8_calibration if self.precision == "int8" else None
+
     def describe(self) -> dict:
         return {
             "sha256": self.sha256,
             "precision": self.precision,
+            "int8_calibration": self.int8_calibration,
             "embedding": self.embedding,
             "dim": self.dim,
             "search_dim": self.search_dim,

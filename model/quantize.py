@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.ground.files import write_bytes_atomic, write_text_atomic
+from model.ground.files import sha256_file, write_bytes_atomic, write_text_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -99,6 +99,13 @@ def requested_precision(precision: str | None) -> str:
 
 def calibration_file(name: str | None) -> Path | None:
     return CALIBRATION_DIR / name if name else None
+
+
+def calibration_record(name: str) -> dict:
+    """What identifies calibration file `name` (in CALIBRATION_DIR): {"file", "sha256"}. int8 features of
+    two calibrations are not comparable, so feature caches, index snapshots and the service record and
+    compare it (docs/MODEL.md, int8)."""
+    return {"file": name, "sha256": sha256_file(CALIBRATION_DIR / name)}
 
 
 def read_calibration(path: Path) -> dict:

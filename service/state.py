@@ -211,6 +211,7 @@ def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: Model
     snapshot = snapshots.Snapshot.open(root, snapshot_id)
     try:
         model = models.get(Path(snapshot.model_dir), snapshot.model_sha256, models.precision_for(snapshot))
+        check_int8_calibration(snapshot, model)
         if model.dim != snapshot.dim:
             raise UserError(
                 f"snapshot {snapshot.id} holds {snapshot.dim}-d vectors, its model makes {model.dim}-d"
@@ -223,6 +224,29 @@ def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: Model
         snapshot.close()
         raise
     return ServingPair(snapshot, model)
+
+
+def check_int8_calibration(snapshot: ServedSnapshot, model: ServedModel) -> None:
+    """An int8 snapshot's vectors and the queries come from one calibration (model.quantize): UserError if
+    the snapshot records another one than the model's backbone was quantized from. A snapshot built
+    before the calibration was recorded is served, with a warning."""
+    if getattr(snapshot, "precision", "fp32") != "int8":
+        return
+    built = getattr(snapshot, "int8_calibration", None)
+    if built is None:
+        LOG.warning("snapshot %s records no int8 calibration (built before sbir recorded it): its vectors are "
+                    "assumed to match queries quantized from %s", snapshot.id, (model.int8_calibration or {}).get("file"))
+        return
+    here = model.int8_calibration or {}
+    if built.get("sha256") != here.get("sha256"):
+        by = (getattr(snapshot, "manifest", None) or {}).get("software", {}).get("sbir", "?")
+        raise UserError(
+            f"snapshot {snapshot.id} was indexed by the int8 backbone quantized from {built.get('file')} sha256 "
+            f"{str(built.get('sha256'))[:12]}, this service's from {here.get('file')} sha256 "
+            f"{str(here.get('sha256'))[:12]}: int8 vectors of two calibrations are not comparable; rebuild the "
+            f"index with this version (`sbir index update ROOT PHOTOS --rebuild`), or serve it with the version "
+            f"that built it (sbir {by})"
+        )
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,23 @@ def test_held_out_records_get_no_augmented_rows_and_can_be_left_out():
     assert [v for r, v in jobs if r == 2] == [0]
     assert all(r != 1 for r, _ in plan_jobs(records, 2, [], heldout=False))
     assert all(v < NORM_VIEW for _, v in plan_jobs(records, 2, [], stroke_norm=False))
+
+
+def test_int8_features_of_another_calibration_are_recomputed(tmp_path, backbone, monkeypatch):
+    records = _dataset(tmp_path / "ds", n=2)
+    kw = dict(sketch_views=0, edge_artists=[], stroke_norm=False, workers=0, progress=False)
+    plan_ids, seen = [], []
+    real_forward = type(backbone).forward
+    monkeypatch.setattr(type(backbone), "forward", lambda self, x: (seen.append(len(x)), real_forward(self, x))[1])
+    # the backbone as if quantized from one calibration file, then from another one (same forward here:
+    # only what the cache's plan records matters)
+    monkeypatch.setattr(backbone, "precision", "int8")
+    for digest in ("1" * 64, "1" * 64, "2" * 64):
+        monkeypatch.setattr(backbone, "int8_calibration", {"file": "x.int8.json", "sha256": digest})
+        seen.clear()
+        fs = extract_features(tmp_path / "ds", records, backbone, tmp_path / "f", **kw)
+        plan_ids.append((fs.meta["plan_id"], sum(seen)))
+        assert fs.meta["plan"]["backbone"]["int8_calibration"]["sha256"] == digest
+    # the same calibration again: current, nothing computed; another one: stale, every row computed again
+    assert plan_ids[0][0] == plan_ids[1][0] != plan_ids[2][0]
+    assert [n for _, n in plan_ids] == [4, 0, 4]

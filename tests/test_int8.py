@@ -3,6 +3,7 @@ never mix precisions (the snapshot records it, the service and updates refuse a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,9 +12,15 @@ import torch
 from PIL import Image, ImageDraw
 from test_index_support import build_cli, make_photos, sbir
 
-from index_builder.snapshot import Snapshot
+from index_builder.snapshot import Snapshot, SnapshotError
 from model import quantize
-from model.backbones import INT8_MIN_COSINE, cpu_precision_for, create_backbone, int8_probe
+from model.backbones import (
+    INT8_MIN_COSINE,
+    cpu_precision_for,
+    create_backbone,
+    int8_calibration_of,
+    int8_probe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +54,13 @@ def test_int8_graph_loads_is_quantized_and_agrees_with_fp32(backbones, int8_cach
     assert int8.precision == "int8" and fp32.precision == "fp32"
     assert int8.runtime().endswith("int8 (1 thread)")
     assert int8.describe()["precision"] == "int8" and "precision" not in fp32.describe()
+    # the int8 description names the calibration file and its sha256; the float32 one is as it always was
+    name = int8.spec.int8_calibration
+    digest = hashlib.sha256(quantize.calibration_file(name).read_bytes()).hexdigest()
+    assert int8.describe()["int8_calibration"] == {"file": name, "sha256": digest} == int8.int8_calibration
+    assert list(fp32.describe()) == ["name", "image_size", "dim", "weights_sha256", "weights_file"]
+    assert int8_calibration_of("efficientnet_lite2") == {"file": name, "sha256": digest}
+    assert int8_calibration_of("mobilenet_v2") is None
     (cached,) = int8_cache.glob("*.onnx")  # the quantized graph, kept by a hash of its inputs
     ops = {n.op_type for n in onnx.load(str(cached)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
@@ -172,8 +186,10 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
     report = build_cli(photos, untrained_checkpoint, root, "--cpu-precision", "int8")
     assert report["embedding"]["precision"] == "int8"
     model = SBIRModel.load(untrained_checkpoint, device="cpu", cpu_precision="int8", cpu_threads=1)
+    calibration = quantize.calibration_record(model.backbone.spec.int8_calibration)
     with Snapshot.open(root) as snap:
         assert snap.precision == "int8" and snap.manifest["model"]["precision"] == "int8"
+        assert snap.int8_calibration == snap.manifest["model"]["int8_calibration"] == calibration
         # the stored vectors are the int8 model's
         path = sorted(photos.iterdir())[0]
         vec = model.encode_pixels(torch.stack([model.preprocess(Image.open(path))]), "photo")
@@ -185,6 +201,18 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
     assert sbir("index", "update", root, photos, "--cpu-precision", "fp32", "--workers", 0, "--no-progress") != 0
     err = capsys.readouterr().err
     assert "holds vectors of the int8 backbone" in err and "--rebuild" in err
+    assert sbir("index", "info", root) == 0
+    assert f"backbone in int8, calibration {calibration['file']} sha256 {calibration['sha256']}" in capsys.readouterr().out
+
+    # another calibration (a new `sbir calibrate`, another version): an update does not mix its vectors
+    other = {"file": calibration["file"], "sha256": "f" * 64}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "calibration_record", lambda name: other)
+        assert sbir("index", "update", root, photos, "--cpu-precision", "auto", "--workers", 0, "--no-progress") != 0
+        err = capsys.readouterr().err
+        assert f"holds int8 vectors of calibration {calibration['file']} sha256 {calibration['sha256'][:12]}" in err
+        assert "ffffffffffff" in err and "pass --rebuild" in err
+        assert not (root / ".work").exists() or not list((root / ".work").iterdir())
 
     strokes = {"strokes": [[[0, 50, 100], [0, 80, 0]]]}
     refused = create_app(Settings(snapshot_root=root, device="cpu", cpu_precision="fp32", reload_interval_s=0))
@@ -197,7 +225,25 @@ def test_snapshot_records_int8_and_the_service_refuses_another_precision(
     with TestClient(served) as client:
         assert client.get("/readyz").status_code == 200
         assert client.get("/info").json()["model"]["precision"] == "int8"
+        assert client.get("/info").json()["model"]["int8_calibration"] == calibration
         assert client.post("/search", json=strokes).status_code == 200
+
+    # an int8 snapshot built before the calibration was recorded: shown as such, and not updated in place
+    with Snapshot.open(root) as snap:
+        manifest_path = snap.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["int8_calibration"] = "efficientnet_lite2.int8.json"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="int8_calibration is not a {file, sha256} record"):
+        Snapshot.open(root)
+    del manifest["model"]["int8_calibration"]
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert sbir("index", "info", root) == 0
+    assert "backbone in int8, calibration not recorded" in capsys.readouterr().out
+    assert sbir("index", "update", root, photos, "--cpu-precision", "auto", "--workers", 0, "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "holds int8 vectors of a calibration it does not record" in err and "pass --rebuild" in err
 
 
 def test_int8_on_a_gpu_is_refused_before_anything_loads(untrained_checkpoint):
@@ -243,3 +289,43 @@ def test_int8_accuracy_is_judged_on_the_mean_and_reports_the_worst_run():
     assert row["P@1"]["worst_diff"] == pytest.approx(0.02) and not row["P@1"]["worst_ok"]
     (row,) = bench.compare(fp32, runs((0.29, 0.5), (0.29, 0.5), (0.30, 0.5)), 0.005, 0.01)
     assert not row["mAP@all"]["mean_ok"] and row["P@1"]["mean_ok"]
+
+
+def test_the_int8_job_folder_names_its_calibration_and_the_fp32_one_is_unchanged(tmp_path):
+    from index_builder.build import job_dir_of
+
+    sha = "ab" * 32
+    assert job_dir_of(tmp_path, sha, "fp32") == tmp_path / ".work" / sha[:16]
+    one, two = {"file": "x.json", "sha256": "1" * 64}, {"file": "x.json", "sha256": "2" * 64}
+    assert job_dir_of(tmp_path, sha, "int8", one) == tmp_path / ".work" / f"{sha[:16]}-int8-{'1' * 12}"
+    assert job_dir_of(tmp_path, sha, "int8", one) != job_dir_of(tmp_path, sha, "int8", two)
+
+
+def test_int8_features_of_another_calibration_do_not_seed_an_index_job(tmp_path, untrained_checkpoint):
+    from index_builder.feature_reuse import seed_cache_from_features
+    from model.data.dataset import Record, write_manifest
+    from model.features import FeatureSet
+    from model.pipeline import SBIRModel
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(data / "p0.png")
+    records = [Record(path="p0.png", domain="photo", category="c", artist="a")]
+    write_manifest(data, records)
+    config = SBIRModel.load(untrained_checkpoint, device="cpu", with_backbone=False).config["backbone"]
+    current = int8_calibration_of(config["name"])
+
+    def features(calibration, where):
+        described = config | {"precision": "int8", "int8_calibration": calibration}
+        feats = np.ones((1, config["dim"]), np.float32)
+        FeatureSet(feats, np.array([0]), np.array([0]), {"plan": {"backbone": described}}).save(tmp_path / where)
+        return tmp_path / where
+
+    for stale in ({"file": current["file"], "sha256": "0" * 64}, None):  # another one, or none recorded
+        root = tmp_path / f"index-{stale is None}"
+        assert seed_cache_from_features(root, untrained_checkpoint, data, records, features(stale, "f"), "int8") == 0
+        assert not (root / ".work").exists()
+    root = tmp_path / "index"
+    assert seed_cache_from_features(root, untrained_checkpoint, data, records, features(current, "g"), "int8") == 1
+    (job,) = (root / ".work").iterdir()
+    assert job.name.endswith(f"-int8-{current['sha256'][:12]}")

@@ -127,3 +127,65 @@ def test_model_cache_loads_with_the_configured_cpu_runtime(untrained_checkpoint)
     assert model.describe()["runtime"] == "torch cpu"
     model = ModelCache("cpu", cpu_runtime="onnxruntime", cpu_threads=1).get(untrained_checkpoint, sha)
     assert model.describe()["runtime"].startswith("onnxruntime") and model.describe()["runtime"].endswith("(1 thread)")
+
+
+class _Int8Snapshot(FakeSnapshot):
+    precision = "int8"
+    manifest = {"software": {"sbir": "0.9.0"}}
+    model_dir = "/r/model"
+
+    def __init__(self, calibration):
+        super().__init__()
+        self.int8_calibration = calibration
+
+
+class _Int8Model(FakeModel):
+    dim = 4
+    sha256 = "0" * 64
+    precision = "int8"
+    int8_calibration = {"file": "lite2.int8.json", "sha256": "a" * 64}
+
+    def preprocess_sketch(self, img):
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+
+class _Models:
+    """What load_pair needs of a ModelCache: the snapshot's precision and one model."""
+
+    def precision_for(self, snapshot):
+        return snapshot.precision
+
+    def get(self, model_dir, sha256, precision):
+        return _Int8Model()
+
+
+def _load(snapshot):
+    from types import SimpleNamespace
+
+    from service.state import load_pair
+
+    return load_pair(SimpleNamespace(Snapshot=SimpleNamespace(open=lambda root, sid: snapshot)), "/r", snapshot.id,
+                     _Models())
+
+
+def test_an_int8_snapshot_of_another_calibration_is_refused_with_both_digests():
+    from model.ground.errors import UserError
+
+    snap = _Int8Snapshot({"file": "lite2.int8.json", "sha256": "b" * 64})
+    with pytest.raises(UserError) as err:
+        _load(snap)
+    message = str(err.value)
+    assert "snapshot snap-a was indexed by the int8 backbone quantized from lite2.int8.json sha256 bbbbbbbbbbbb" in message
+    assert "this service's from lite2.int8.json sha256 aaaaaaaaaaaa" in message
+    assert "rebuild the index with this version" in message and "the version that built it (sbir 0.9.0)" in message
+    assert snap.closed == 1  # refused: nothing stays open
+
+
+def test_an_int8_snapshot_of_the_same_or_an_unrecorded_calibration_is_served(caplog):
+    same = _Int8Snapshot(dict(_Int8Model.int8_calibration))
+    assert _load(same).snapshot is same and same.closed == 0
+    assert "records no int8 calibration" not in caplog.text
+    older = _Int8Snapshot(None)  # built before the calibration was recorded: served, with a warning
+    with caplog.at_level("WARNING", logger="service.state"):
+        assert _load(older).snapshot is older
+    assert "snapshot snap-a records no int8 calibration" in caplog.text
