@@ -39,7 +39,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.adapter import AdapterConfig, CosineClassifier, FeatureAdapter
-from model.backbones import Backbone, OnnxRuntimeNet, PooledEfficientNetLite, create_backbone
+from model.backbones import (
+    ORT_MAX_ERROR,
+    Backbone,
+    OnnxRuntimeNet,
+    PooledEfficientNetLite,
+    create_backbone,
+    export_onnx,
+)
 from model.features import FeatureSet, ViewDataset, collate_views
 from model.pipeline import resolve_device
 from model.train import balanced_batch, class_loss, prepare, train_all, val_map
@@ -137,6 +144,26 @@ def top_state(top: Top) -> dict[str, torch.Tensor]:
 
 
 # --- the frozen maps -------------------------------------------------------------------------------
+def _stem_on_onnxruntime(stem: Stem, backbone: Backbone, torch_run) -> OnnxRuntimeNet | None:
+    """The frozen blocks as an onnxruntime graph (float32) when it gives torch's maps on a probe batch;
+    None keeps torch's path, which is always correct."""
+    size = backbone.image_size
+    try:
+        ort = OnnxRuntimeNet(export_onnx(stem, size, backbone.spec.mean, backbone.spec.std), torch.get_num_threads())
+        probe = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.uint8)
+        with torch.no_grad():
+            want, got = torch_run(probe).float(), ort(probe)
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
+        if not error <= ORT_MAX_ERROR:
+            raise RuntimeError(f"its maps differ from torch's by {error:.2g} (relative)")
+    except Exception as exc:  # torch's path is always correct
+        LOG.warning("frozen blocks on torch's CPU path: onnxruntime is not usable (%s)", exc)
+        return None
+    LOG.info("frozen blocks: CPU forward by onnxruntime %s (%d threads)", ort.version, ort.threads)
+    return ort
+
+
 def stem_maps(
     root: str | Path,
     records: Sequence,
@@ -154,21 +181,18 @@ def stem_maps(
     jobs = list(zip(record.tolist(), view.tolist(), strict=True))
     size = backbone.image_size
     stem = stem.to(device).eval()
-    ort = None
-    if device.type == "cpu":
-        try:
-            ort = OnnxRuntimeNet(stem, size, torch.get_num_threads(), backbone.spec.mean, backbone.spec.std)
-        except Exception as exc:  # torch's path is always correct
-            LOG.warning("frozen blocks on torch's CPU path: onnxruntime is not usable (%s)", exc)
     mean = torch.tensor(backbone.spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(backbone.spec.std, device=device).view(1, 3, 1, 1)
 
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        if ort is not None:
-            return ort(pixels)
+    def torch_run(pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.to(device).float() / 255.0 - mean) / std
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             return stem(x)
+
+    ort = _stem_on_onnxruntime(stem, backbone, torch_run) if device.type == "cpu" else None
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        return ort(pixels) if ort is not None else torch_run(pixels)
 
     with torch.no_grad():
         shape = run(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1:]

@@ -12,7 +12,7 @@ from model.backbones import create_backbone
 from model.data.dataset import Record, Split, write_manifest
 from model.evaluate import evaluate_runs
 from model.features import FeatureSet, extract_features
-from model.finetune import FinetuneConfig, finetune_and_train, split_backbone, top_state
+from model.finetune import FinetuneConfig, _stem_on_onnxruntime, finetune_and_train, split_backbone, top_state
 from model.ground.errors import UserError
 from model.pipeline import SBIRModel
 from model.train import TrainConfig
@@ -39,6 +39,24 @@ def test_stem_then_top_is_the_backbone(name, blocks):
         got = top.eval()(stem(x))
     assert start == bb.net.num_blocks - blocks
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_frozen_blocks_run_on_onnxruntime_with_torchs_maps(lite2_ms):
+    """stem_maps' CPU path: the frozen blocks exported to onnxruntime, checked against torch (the
+    export once failed with a TypeError, and every fine-tuning silently fell back to torch)."""
+    stem, _, _ = split_backbone(lite2_ms, 6)
+    stem.eval()
+    mean = torch.tensor(lite2_ms.spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(lite2_ms.spec.std).view(1, 3, 1, 1)
+
+    def torch_run(pixels):
+        return stem((pixels.float() / 255.0 - mean) / std)
+
+    ort = _stem_on_onnxruntime(stem, lite2_ms, torch_run)
+    assert ort is not None
+    pixels = torch.randint(0, 256, (3, 3, lite2_ms.image_size, lite2_ms.image_size), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(ort(pixels), torch_run(pixels), rtol=1e-3, atol=1e-3)
 
 
 def test_a_pooled_block_below_the_tuned_ones_is_refused(lite2_ms):
