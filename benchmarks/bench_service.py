@@ -7,8 +7,10 @@ Starts a real `sbir serve` process on 127.0.0.1 and drives it with an async http
     python benchmarks/bench_service.py make-index --out /tmp/bench100k --photos 100000
     # single-client latency, 16-client throughput vs the encoder's bare batched forward
     python benchmarks/bench_service.py run --root /tmp/bench100k --json out.json
-    # resident memory under load (1M vectors)
-    python benchmarks/bench_service.py make-index --out /tmp/bench1m --photos 1000000
+    # CPU time of each stage of a request in-process, the second stage against the one before it
+    python benchmarks/bench_service.py stages --root /tmp/bench100k [--cold]
+    # resident memory under load (1M vectors; zs only: 1M re-ranking rows are 8.4 GB, built in memory)
+    python benchmarks/bench_service.py make-index --out /tmp/bench1m --photos 1000000 --zs-only
     python benchmarks/bench_service.py soak --root /tmp/bench1m --seconds 600
     # the soak of docs/RELIABILITY.md: a real collection, re-indexed (a new snapshot) every 2 minutes
     python deploy/smoke_data.py checkpoint /tmp/soak/model
@@ -17,7 +19,9 @@ Starts a real `sbir serve` process on 127.0.0.1 and drives it with an async http
     python benchmarks/bench_service.py soak --root /tmp/soak/index --seconds 1800 --idle-seconds 120 \
         --reindex-every 120 --reindex-photos /tmp/soak/photos --json soak.json
 
-Latency does not depend on training, so the untrained checkpoint stands in for a trained one.
+Latency does not depend on training, so the untrained checkpoint stands in for a trained one: by default
+with the second stage `sbir train` gives models today (`[zs | v | r]` rows, model/rerank.py), with
+`make-index --zs-only` without it.
 """
 
 from __future__ import annotations
@@ -60,25 +64,40 @@ def sketch_png() -> bytes:
     return out.getvalue()
 
 
-def untrained_checkpoint(path: Path) -> Path:
-    """The default backbone with seeded random heads: the same cost as a trained model."""
+def untrained_checkpoint(path: Path, rerank: bool = True) -> Path:
+    """The default backbone with seeded random heads: the same cost as a trained model.
+
+    With `rerank` (as `sbir train` makes models today, model/defaults.py), the InfoNCE peer and the
+    standardised backbone features re-rank IIAE's top candidates, so a row is `[zs | v | r]`;
+    without, the older zs-only model (for comparison).
+    """
     import torch
 
     from model.adapter import AdapterConfig, FeatureAdapter
     from model.backbones import create_backbone
+    from model.defaults import (
+        DEFAULT_RERANK,
+        DEFAULT_RERANK_RAW_WEIGHT,
+        DEFAULT_RERANK_TOP,
+        DEFAULT_RERANK_WEIGHT,
+    )
     from model.iiae import IIAE, IIAEConfig
+    from model.peer import InfoNCEPeer
     from model.pipeline import SBIRModel
+    from model.rerank import RerankConfig
 
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
     backbone = create_backbone(cpu_runtime="torch", cpu_precision="fp32")  # only its description is saved
-    model = SBIRModel(
-        backbone,
-        FeatureAdapter(AdapterConfig(input_dim=backbone.dim)),
-        IIAE(IIAEConfig()),
-        {"training": {"note": "untrained benchmark model"}},
-    )
+    adapter = FeatureAdapter(AdapterConfig(input_dim=backbone.dim))
+    config: dict = {"training": {"note": "untrained benchmark model"}}
+    peer = None
+    if rerank:
+        peer = InfoNCEPeer(adapter.cfg.output_dim, 64)
+        config["rerank"] = RerankConfig(DEFAULT_RERANK, peer.out_dim, DEFAULT_RERANK_TOP, DEFAULT_RERANK_WEIGHT,
+                                        DEFAULT_RERANK_RAW_WEIGHT, backbone.dim).to_dict()
+    model = SBIRModel(backbone, adapter, IIAE(IIAEConfig()), config, peer=peer)
     model.save(path)
     return path
 
@@ -89,8 +108,9 @@ def synthetic_vectors(n: int, dim: int, seed: int, clusters: int = 2000) -> np.n
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     out = np.empty((n, dim), np.float32)
-    for start in range(0, n, 100_000):  # bounded memory for the temporaries
-        m = min(100_000, n - start)
+    step = max(1000, 6_400_000 // dim)  # bounded memory for the temporaries (100k rows of 64-d)
+    for start in range(0, n, step):
+        m = min(step, n - start)
         block = centres[rng.integers(0, clusters, m)] + 1.0 * rng.standard_normal((m, dim)).astype(
             np.float32
         ) / np.sqrt(dim)
@@ -98,7 +118,21 @@ def synthetic_vectors(n: int, dim: int, seed: int, clusters: int = 2000) -> np.n
     return out
 
 
-def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_precision: str | None = None) -> None:
+def synthetic_rows(n: int, search_dim: int, rerank, seed: int) -> np.ndarray:
+    """Model rows of `n` synthetic photos: `[zs | v | r]` with each part a unit vector where the model
+    re-ranks (model.rerank.unit_parts), else zs alone. The parts are drawn independently."""
+    widths = [search_dim] if rerank is None else [search_dim, rerank.dim, rerank.raw_dim]
+    widths = [w for w in widths if w > 0]
+    out = np.empty((n, sum(widths)), np.float32)
+    col = 0
+    for part, w in enumerate(widths):
+        out[:, col : col + w] = synthetic_vectors(n, w, seed + 1000 * part)
+        col += w
+    return out
+
+
+def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_precision: str | None = None,
+               rerank: bool = True) -> None:
     """A published snapshot of `photos` synthetic vectors, written with index_builder's own writer.
 
     Every record points at one of a few real small JPEGs (so /photos works) and carries synthetic
@@ -115,7 +149,7 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
     from model.pipeline import SBIRModel
 
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = model_dir or untrained_checkpoint(out / "untrained-model")
+    model_dir = model_dir or untrained_checkpoint(out / "untrained-model", rerank=rerank)
     model = SBIRModel.load(model_dir, device="cpu", with_backbone=False)
     from model.backbones import cpu_precision_for
 
@@ -130,11 +164,13 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
         img.save(f, quality=85)
         files.append((str(f.resolve()), sha256_file(f)))
     t0 = time.perf_counter()
-    vectors = synthetic_vectors(photos, model.dim, seed)
+    vectors = synthetic_rows(photos, model.search_dim, model.rerank, seed)
+    searched = np.ascontiguousarray(vectors[:, : model.search_dim])  # the index holds zs (model/rerank.py)
     ids = np.arange(photos, dtype=np.int64)
-    plan = faiss_index.choose_factory(photos, model.dim)
-    index = faiss_index.build_index(vectors, ids, plan.factory)
-    recall = faiss_index.tune_and_measure(index, vectors, ids)
+    plan = faiss_index.choose_factory(photos, model.search_dim)
+    index = faiss_index.build_index(searched, ids, plan.factory)
+    recall = faiss_index.tune_and_measure(index, searched, ids)
+    del searched
     rows = [
         (
             int(i),
@@ -161,6 +197,8 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
         model_dir=Path(model_dir),
         manifest={
             "dim": model.dim,
+            "search_dim": model.search_dim,
+            "rerank": model.rerank.to_dict() if model.rerank is not None else None,
             "count": photos,
             "model": {"sha256": model.sha256, "precision": precision},
             "index": {"factory": plan.factory, "search_params": recall.params, "recall": recall.to_dict()},
@@ -645,6 +683,7 @@ def cmd_soak(args: argparse.Namespace) -> dict:
 # Where a sample of the server's CPU goes: the first rule whose text is in the sample's stack wins.
 PROFILE_STAGES = (
     ("forward (onnxruntime / torch)", ("onnxruntime", "backbones.py", "torch/nn")),
+    ("second stage (re-ranking)", ("second_stage", "rerank.py")),
     ("FAISS search", ("faiss", "snapshot.py:search", "(index_builder/snapshot.py)")),
     ("metadata lookup (sqlite)", ("lookup", "sqlite")),
     ("decode upload (PNG) and resize", ("decode_sketch", "load_image", "PIL", "pad_to_square", "preprocess")),
@@ -705,6 +744,135 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     cpu_ms = load["server_cpu_s_per_request"] * 1000
     report["cpu_ms_per_request_by_stage"] = {k: round(v / total * cpu_ms, 3) for k, v in counts.most_common()}
     report["top_frames"] = {k: [f"{n} {f}" for f, n in leaves[k].most_common(6)] for k, _ in counts.most_common()}
+    return report
+
+
+def multipart_body(png: bytes, boundary: str = "sbirbench7d1c0b") -> tuple[bytes, str]:
+    """The upload wrk sends: (body, Content-Type)."""
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def second_stage_before(vectors: np.ndarray, ids: np.ndarray, snap, second_q: np.ndarray,
+                        cand: np.ndarray) -> np.ndarray:
+    """The second stage as served at commit 4d6b785, the reference `stages` times the served one
+    against: a fancy-indexed copy of the candidates' `[v | r]` columns, then an einsum."""
+    from model.rerank import second_query
+
+    rows = np.where(cand >= 0, np.searchsorted(ids, np.maximum(cand, 0)), 0)
+    cand_vecs = np.asarray(vectors[rows.ravel(), snap.search_dim :]).reshape(*cand.shape, -1)
+    return np.einsum("nd,nrd->nr", second_query(second_q, snap.rerank), cand_vecs)
+
+
+def search_before(vectors: np.ndarray, ids: np.ndarray, snap, queries: np.ndarray, k: int):
+    """`Snapshot.search` of a re-ranking snapshot as served at commit 4d6b785."""
+    from model.rerank import rerank, split_rows
+
+    first_q, second_q = split_rows(queries, snap.search_dim)
+    first, cand = snap.first_stage(first_q, max(k, snap.rerank.top))
+    second = second_stage_before(vectors, ids, snap, second_q, cand)
+    return rerank(cand, first, second, snap.rerank.share, k)
+
+
+def cpu_ms_per_call(fn, min_cpu_s: float, max_calls: int = 100_000, evict: np.ndarray | None = None) -> float:
+    """CPU milliseconds (this process, all threads) per call of `fn`, after one warm-up call.
+
+    CPU time, not wall time: on cores shared with other jobs it does not count the time the
+    process waited for a core. With `evict` (an array larger than the caches), it is read before
+    every call and not counted: each call starts with cold caches, as a search does in the service,
+    where a forward pass runs between two batches."""
+    fn()
+    calls, spent = 0, 0.0
+    while calls < max_calls and spent < min_cpu_s:
+        if evict is not None:
+            evict.sum()
+        t0 = time.process_time()
+        fn()
+        spent += time.process_time() - t0
+        calls += 1
+    return spent / calls * 1000
+
+
+def cmd_stages(args: argparse.Namespace) -> dict:
+    """In-process CPU time of each stage of a request's fixed cost (no HTTP), the served second stage
+    against the one before it in the same run; `rounds` interleaved rounds, the median kept."""
+    import faiss
+    import torch
+
+    from index_builder.snapshot import IDS_FILE, VECTORS_FILE, Snapshot
+    from model.pipeline import SBIRModel
+    from model.rerank import split_rows
+    from service.inputs import decode_image, multipart_file
+    from service.schemas import SearchResponse
+
+    faiss.omp_set_num_threads(1)  # the service's default (--faiss-threads 1)
+    torch.set_num_threads(1)
+    png = sketch_png()
+    body, content_type = multipart_body(png)
+    snap = Snapshot.open(args.root)
+    model = SBIRModel.load(snap.model_dir, device="cpu", cpu_precision=snap.precision)
+    report: dict = {"machine": machine(), "root": str(args.root), "snapshot": {
+        "count": snap.count, "dim": snap.dim, "search_dim": snap.search_dim, "factory": snap.factory,
+        "rerank": snap.rerank.to_dict() if snap.rerank else None, "precision": snap.precision},
+        "runtime": model.backbone.runtime()}  # fmt: skip
+    image = decode_image(multipart_file(body, content_type, "file"))
+    pixels = torch.stack([model.preprocess_sketch(image)] * 5)
+    queries = {nq: np.ascontiguousarray(model.encode_pixels(pixels[:nq], "sketch")) for nq in (1, 5)}
+    if snap.rerank is not None:
+        before_vectors = np.load(snap.path / VECTORS_FILE, mmap_mode="r")
+        before_ids = np.load(snap.path / IDS_FILE)
+    hits = snap.search(queries[5], 24)[1]
+    records = snap.lookup(hits[0])
+    answer = {"results": [{"rank": i + 1, "id": r["id"], "key": r["key"], "score": 0.5, "url": f"http://h/photos/{r['id']}",
+                           "metadata": r["metadata"]} for i, r in enumerate(records)],
+              "snapshot": snap.id, "model": snap.model_sha256, "batch_size": 5,
+              "timings_ms": dict.fromkeys(STAGES, 1.0)}  # fmt: skip
+
+    stages: dict = {
+        "multipart parse": (lambda: multipart_file(body, content_type, "file"), 1),
+        "PNG decode": (lambda: decode_image(png), 1),
+        "preprocess (pad, grey check, resize)": (lambda: model.preprocess_sketch(image), 1),
+        "forward, batch of 5 (per image)": (lambda: model.encode_pixels(pixels, "sketch"), 5),
+        "metadata lookup, 24 ids": (lambda: snap.lookup(hits[0]), 1),
+        "JSON response (pydantic)": (lambda: SearchResponse.model_validate(answer).model_dump_json(), 1),
+    }
+    for nq in (1, 5):
+        q = queries[nq]
+        first_q, second_q = split_rows(q, snap.search_dim)
+        first_q = np.ascontiguousarray(first_q)
+        stages[f"FAISS k=24, {nq} queries (per query)"] = (lambda fq=first_q: snap.first_stage(fq, 24), nq)
+        stages[f"Snapshot.search k=24 as served, {nq} queries (per query)"] = (lambda q=q: snap.search(q, 24), nq)
+        if snap.rerank is not None:
+            top = snap.rerank.top
+            cand = snap.first_stage(first_q, top)[1]
+            stages[f"FAISS k={top}, {nq} queries (per query)"] = (
+                lambda fq=first_q, t=top: snap.first_stage(fq, t), nq)
+            stages[f"second stage as served, {nq} queries (per query)"] = (
+                lambda sq=second_q, c=cand: snap.second_stage(sq, c), nq)
+            stages[f"second stage before (4d6b785), {nq} queries (per query)"] = (
+                lambda sq=second_q, c=cand: second_stage_before(before_vectors, before_ids, snap, sq, c), nq)
+            stages[f"Snapshot.search k=24 before (4d6b785), {nq} queries (per query)"] = (
+                lambda q=q: search_before(before_vectors, before_ids, snap, q, 24),
+                nq,
+            )
+            new = snap.second_stage(second_q, cand)
+            old = second_stage_before(before_vectors, before_ids, snap, second_q, cand)
+            report[f"second_stage_max_abs_difference_{nq}"] = float(np.abs(new - old).max())
+    # 64 MB, read before each call of a search stage with --cold: more than this machine's caches
+    evict = np.ones(16 * 2**20, np.float32) if args.cold else None
+    report["cold_searches"] = bool(args.cold)
+    rounds: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(args.rounds):
+        for name, (fn, per) in stages.items():
+            cold = evict if ("search" in name.lower() or "stage" in name or "FAISS" in name) else None
+            rounds[name].append(cpu_ms_per_call(fn, args.min_cpu_s, evict=cold) / per)
+    report["cpu_ms"] = {name: round(statistics.median(v), 4) for name, v in rounds.items()}
+    report["cpu_ms_rounds"] = {name: [round(x, 4) for x in v] for name, v in rounds.items()}
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    snap.close()
     return report
 
 
@@ -783,6 +951,9 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--cpu-precision", choices=("auto", "fp32", "int8"), default=None,
                     help="the precision the snapshot records, hence the service's (default: auto, int8 with VNNI)")
+    mk.add_argument("--zs-only", action="store_true",
+                    help="the untrained model without the second stage (rows of zs alone), for comparison; "
+                         "the default re-ranks as `sbir train`'s models do")
     run = sub.add_parser("run", help="latency and throughput")
     run.add_argument("--root", type=Path, required=True)
     run.add_argument("--warmup", type=int, default=5)
@@ -819,6 +990,13 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--reindex-photos", type=Path, default=None, help="the collection ROOT was built from")
     soak.add_argument("--reindex-add", type=int, default=5, help="photos added before each update")
     soak.add_argument("--json", type=Path, default=None)
+    st = sub.add_parser("stages", help="in-process CPU time of each stage of a request (no HTTP)")
+    st.add_argument("--root", type=Path, required=True)
+    st.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is kept")
+    st.add_argument("--min-cpu-s", type=float, default=0.5, help="CPU seconds each stage runs per round")
+    st.add_argument("--cold", action="store_true",
+                    help="start every search-stage call with cold caches (a 64 MB read before it, not counted)")
+    st.add_argument("--json", type=Path, default=None)
     pr = sub.add_parser("profile", help="py-spy profile of the server under wrk load, by stage")
     pr.add_argument("--root", type=Path, required=True)
     pr.add_argument("--clients", type=int, default=16)
@@ -846,9 +1024,10 @@ def main(argv: list[str] | None = None) -> int:
     # does. OMP_WAIT_POLICY= (empty) measures libgomp's default instead.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.cmd == "make-index":
-        make_index(args.out, args.photos, args.model, args.seed, args.cpu_precision)
+        make_index(args.out, args.photos, args.model, args.seed, args.cpu_precision, rerank=not args.zs_only)
         return 0
-    report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads, "profile": cmd_profile}[args.cmd](args)
+    report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads, "profile": cmd_profile,
+              "stages": cmd_stages}[args.cmd](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -295,6 +295,8 @@ class Snapshot:
         if ids.shape != (self.count,) or vectors.dtype != np.float32 or vectors.shape != (self.count, self.dim):
             raise SnapshotError(f"{IDS_FILE} / {VECTORS_FILE}: shapes {ids.shape} / {vectors.shape}, "
                                 f"expected ({self.count},) / ({self.count}, {self.dim})")
+        if not vectors.flags.c_contiguous:  # the second stage reads rows in place (`second_stage`)
+            raise SnapshotError(f"{VECTORS_FILE} is stored in Fortran order; the index builder writes rows (C order)")
         self._ids, self._vectors = ids, vectors
 
     def _check_consistency(self) -> None:
@@ -345,7 +347,6 @@ class Snapshot:
         second stage's weighted mean of cosines over the index's top `rerank.top` candidates
         (model/rerank.py). Where fewer than k photos exist, ids are -1 and scores -inf.
         """
-        from index_builder import faiss_index
 
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -355,14 +356,45 @@ class Snapshot:
         if self._index is None:
             raise SnapshotError(f"snapshot {self.id} is closed")
         if self.rerank is None or not self.count:
-            return faiss_index.search(self._index, np.ascontiguousarray(queries[:, : self.search_dim]), k)
+            return self.first_stage(queries[:, : self.search_dim], k)
         first_q, second_q = split_rows(queries, self.search_dim)
-        first, cand = faiss_index.search(self._index, np.ascontiguousarray(first_q), max(k, self.rerank.top))
-        # candidates' rows in vectors.npy (ids.npy is sorted); a missing candidate (-1) reads row 0
-        rows = np.where(cand >= 0, np.searchsorted(self._ids, np.maximum(cand, 0)), 0)
-        cand_vecs = np.asarray(self._vectors[rows.ravel(), self.search_dim :]).reshape(*cand.shape, -1)
-        second = np.einsum("nd,nrd->nr", second_query(second_q, self.rerank), cand_vecs)
+        first, cand = self.first_stage(first_q, max(k, self.rerank.top))
+        second = self.second_stage(second_q, cand)
         return rerank(cand, first, second, self.rerank.share, k)  # top >= k: (n, k) each
+
+    def first_stage(self, searched: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's search of (n, search_dim) query parts: cosines (n, k) and ids (n, k), -1 past
+        the end."""
+        from index_builder import faiss_index
+
+        if self._index is None:
+            raise SnapshotError(f"snapshot {self.id} is closed")
+        return faiss_index.search(self._index, np.ascontiguousarray(searched, dtype=np.float32), k)
+
+    def second_stage(self, second_q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """(n, R) second-stage cosines (model.rerank.second_query) of the queries' `[v | r]` parts
+        with those of their candidates' rows in vectors.npy; 0 where a candidate is missing (-1).
+
+        FAISS's `fvec_inner_products_by_idx` reads each candidate's row in place from the memory map:
+        no gathered copy of the 400 rows (3.3 MB a query with 2088-d rows) is made. The query is
+        padded with zeros over zs so that whole rows are its operand (docs/BENCHMARKS.md, "The service
+        with the int8 forward").
+        """
+        import faiss
+
+        n, r = cand.shape
+        query = np.zeros((n, self.dim), np.float32)
+        query[:, self.search_dim :] = second_query(second_q, self.rerank)
+        # candidates' rows in vectors.npy (ids.npy is sorted); -1 stays -1: FAISS gives it -inf
+        rows = np.where(cand >= 0, np.searchsorted(self._ids, np.maximum(cand, 0)), -1).astype(np.int64)
+        out = np.empty((n, r), np.float32)
+        if n and r:
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(self._vectors), faiss.swig_ptr(rows),
+                self.dim, n, r,
+            )  # fmt: skip
+        out[rows < 0] = 0.0
+        return out
 
     def lookup(self, ids: Sequence[int]) -> list[dict | None]:
         """Photo records for ids, in order: {"id", "key", "path", "sha256", "metadata"}; None for unknown

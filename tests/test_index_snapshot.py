@@ -142,6 +142,38 @@ def test_a_reranking_snapshot_answers_as_the_evaluation_ranks(tmp_path, ckpt, n,
     assert (found[:, shown:] == -1).all() and np.isneginf(scores[:, shown:]).all()
 
 
+def test_the_second_stage_reads_candidates_rows_in_place_as_a_gathered_copy_would(tmp_path, ckpt):
+    """`second_stage` (FAISS reading rows from the memory map) gives the cosines a gathered copy of
+    the candidates' rows gives, in any order, repeated, and 0 for a missing candidate (-1)."""
+    cfg = RerankConfig(vector="adapter", dim=8, top=20, weight=0.5, raw_weight=0.25, raw_dim=12)
+    root = tmp_path / "index"
+    _, ids, vectors = write_snapshot(root, ckpt, n=50, rerank=cfg)
+    rng = np.random.default_rng(3)
+    second_q = rng.standard_normal((3, cfg.width)).astype(np.float32)
+    cand = ids[rng.integers(0, 50, (3, 7))]
+    cand[0, 2] = cand[0, 5]  # the same photo twice
+    cand[1, -2:] = -1  # fewer candidates than asked for
+    with Snapshot.open(root) as snap:
+        got = snap.second_stage(second_q, cand)
+    rows = vectors[np.searchsorted(ids, np.maximum(cand, 0)), DIM:]
+    expected = np.einsum("nd,nrd->nr", second_q * np.r_[np.full(8, 0.5 / 0.75), np.full(12, 0.25 / 0.75)], rows)
+    expected[cand < 0] = 0.0
+    assert got.shape == (3, 7) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got[0, 2] == got[0, 5] and (got[1, -2:] == 0).all()
+
+
+def test_a_snapshot_with_fortran_ordered_vectors_is_refused(tmp_path, ckpt):
+    """The second stage reads rows in place: vectors.npy must hold them contiguously (C order)."""
+    cfg = RerankConfig(vector="adapter", dim=8, top=20, weight=0.5)
+    root = tmp_path / "index"
+    write_snapshot(root, ckpt, n=30, rerank=cfg)
+    path = snapshots_dir(root) / read_current(root) / "vectors.npy"
+    np.save(path, np.asfortranarray(np.load(path)))
+    with pytest.raises(SnapshotError, match="Fortran order"):
+        Snapshot.open(root)
+
+
 def test_search_rejects_wrong_shapes(tmp_path, ckpt):
     root = tmp_path / "index"
     write_snapshot(root, ckpt)
