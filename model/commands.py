@@ -41,6 +41,10 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "do not train on the stroke-normalised twins of the sketches (queries are as drawn either way)"),
     ("--no-extra-styles", "extra_styles", {"action": "store_const", "const": False},
      "train on the core sketches only, not on the dataset's extra style sets (they still validate)"),
+    ("--freehand", "freehand", {"action": "store_const", "const": True},
+     "train on the feature cache's freehand redraws of the training sketches (`sbir features --freehand-views`)"),
+    ("--silhouettes", "silhouettes", {"action": "store_const", "const": True},
+     "train on the feature cache's silhouettes made from training photos (`sbir features --silhouette-views`)"),
     ("--no-refit", "refit", {"action": "store_const", "const": False},
      "keep the selection-phase model (train classes only)"),
     ("--no-peer", "peer", {"action": "store_const", "const": False},
@@ -129,6 +133,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sketch-views", type=int, default=3, help="random renders per sketch besides the original")
     p.add_argument("--edge-artists", nargs="*", default=["openmoji"],
                    help="photos by these artists also become edge-map queries (style-held-out check)")
+    p.add_argument("--freehand-views", type=int, default=0,
+                   help="freehand redraws per trainable sketch (a smooth warp, thinner strokes; a training style)")
+    p.add_argument("--silhouette-views", type=int, default=0,
+                   help="filled-shape drawings made from each photo of --silhouette-artists (the first as made, "
+                   "the rest random renders; a training style)")
+    p.add_argument("--silhouette-artists", nargs="*", default=["openmoji"],
+                   help="photos by these artists also become silhouette drawings (with --silhouette-views)")
     p.add_argument("--no-stroke-norm", action="store_true",
                    help="skip the stroke-normalised copy of every sketch row (models trained with it need it)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -238,7 +249,9 @@ def cmd_features(args) -> int:
     out = args.out or default_features_dir(args.dataset, args.backbone, backbone.precision)
     fs = extract_features(
         args.dataset, records, backbone, out, sketch_views=args.sketch_views, edge_artists=args.edge_artists,
-        stroke_norm=not args.no_stroke_norm, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+        stroke_norm=not args.no_stroke_norm, freehand_views=args.freehand_views,
+        silhouette_views=args.silhouette_views, silhouette_artists=args.silhouette_artists, seed=args.seed,
+        batch_size=args.batch_size, workers=args.workers,
     )
     sp = fs.meta["speed"]
     print(f"features: {len(fs.feats)} rows x {fs.feats.shape[1]} in {out}")

@@ -1,8 +1,10 @@
 """Cache frozen-backbone features of a dataset: batched, decoded in worker processes, resumable.
 
 Every (record, view) pair is one row: view 0 is the image as it is, views 1..K are random sketch
-renders (`augment_sketch`, seeded per record and view) and `EDGE_VIEW` is an edge map of a photo
-(the style-held-out check). Rows are computed in chunks that are written atomically as they finish,
+renders (`augment_sketch`, seeded per record and view), `FREEHAND_VIEW` + 1..K are freehand redraws
+of a sketch (`freehand_sketch`), `SILHOUETTE_VIEW` + 0..K-1 are filled-shape drawings made from a
+colour image (`silhouette_sketch`: as made, then random renders) and `EDGE_VIEW` is an edge map of a
+photo (the style-held-out check). Silhouettes and edge maps are drawings made from photo records. Rows are computed in chunks that are written atomically as they finish,
 so a killed run continues where it stopped. Unreadable files are skipped with their reason.
 """
 
@@ -23,7 +25,7 @@ from safetensors.numpy import save as save_safetensors
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.augment import augment_sketch, edge_sketch
+from model.augment import augment_sketch, edge_sketch, freehand_sketch, silhouette_sketch
 from model.backbones import Backbone
 from model.data.dataset import Record, resolve_path
 from model.ground.files import write_atomic, write_bytes_atomic, write_text_atomic
@@ -35,6 +37,8 @@ LOG = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1
 EDGE_VIEW = 100
+SILHOUETTE_VIEW = 200  # 200: the silhouette as made; 201..: random renders of it
+FREEHAND_VIEW = 300  # 301..: freehand redraws of a sketch
 # View NORM_VIEW + v is view v of a sketch after stroke normalisation (model.stroke_norm): both
 # families sit in one cache, so a model can be trained and evaluated with either.
 NORM_VIEW = 1000
@@ -62,7 +66,7 @@ class FeatureSet:
             raise ValueError("these features have no stroke-normalised sketch rows: "
                              "recompute them with `sbir features` (stroke normalisation on)")
         sketch_rec = np.array([r.domain == "sketch" for r in records])
-        is_sketch_row = sketch_rec[self.record] | (self.view % NORM_VIEW == EDGE_VIEW)
+        is_sketch_row = sketch_rec[self.record] | drawn_from_photo(self.view)
         return ~is_sketch_row | (is_norm == stroke_norm)
 
     def for_sketches(self, records: Sequence[Record], stroke_norm: bool) -> FeatureSet:
@@ -87,22 +91,44 @@ class FeatureSet:
         return cls(t["feats"], t["record"], t["view"], meta)
 
 
+def drawn_from_photo(view: np.ndarray) -> np.ndarray:
+    """Which views are drawings made from a photo record (silhouettes, edge maps), normalised or not."""
+    v = np.asarray(view) % NORM_VIEW
+    return (v == EDGE_VIEW) | ((v >= SILHOUETTE_VIEW) & (v < SILHOUETTE_VIEW + 100))
+
+
+def is_silhouette(view: np.ndarray) -> np.ndarray:
+    v = np.asarray(view) % NORM_VIEW
+    return (v >= SILHOUETTE_VIEW) & (v < SILHOUETTE_VIEW + 100)
+
+
+def is_freehand(view: np.ndarray) -> np.ndarray:
+    v = np.asarray(view) % NORM_VIEW
+    return (v > FREEHAND_VIEW) & (v < FREEHAND_VIEW + 100)
+
+
 def plan_jobs(
     records: Sequence[Record], sketch_views: int, edge_artists: Sequence[str], stroke_norm: bool = True,
-    heldout: bool = True,
+    heldout: bool = True, freehand_views: int = 0, silhouette_views: int = 0,
+    silhouette_artists: Sequence[str] = (),
 ) -> list[tuple[int, int]]:
-    """(record, view) rows: K augmented renders of every sketch that may be trained on (held-out
-    ones only as they are; none at all without `heldout`), edge maps of `edge_artists`' photos, and
-    with `stroke_norm` every sketch row again after stroke normalisation."""
+    """(record, view) rows: K augmented renders and `freehand_views` freehand redraws of every sketch
+    that may be trained on (held-out ones only as they are; none at all without `heldout`), edge maps
+    of `edge_artists`' photos, `silhouette_views` silhouettes of `silhouette_artists`' photos (not
+    held-out ones), and with `stroke_norm` every sketch row again after stroke normalisation."""
     jobs: list[tuple[int, int]] = []
     for i, rec in enumerate(records):
         if rec.heldout and not heldout:
             continue
         if rec.domain == "sketch":
             views = [0] if rec.heldout else list(range(sketch_views + 1))
+            if not rec.heldout:
+                views += [FREEHAND_VIEW + v for v in range(1, freehand_views + 1)]
         else:
             jobs.append((i, 0))
             views = [EDGE_VIEW] if rec.artist in edge_artists else []
+            if rec.artist in silhouette_artists and not rec.heldout:
+                views += [SILHOUETTE_VIEW + v for v in range(silhouette_views)]
         jobs.extend((i, v) for v in views)
         if stroke_norm:
             jobs.extend((i, NORM_VIEW + v) for v in views)
@@ -116,7 +142,13 @@ def render_view(img, record_index: int, view: int, seed: int):
         return img
     if view == EDGE_VIEW:
         return edge_sketch(img)
+    if view == SILHOUETTE_VIEW:
+        return silhouette_sketch(img)
     rng = np.random.default_rng([seed, record_index, view])
+    if is_silhouette(view):
+        return silhouette_sketch(img, rng)
+    if is_freehand(view):
+        return freehand_sketch(img, rng)
     return augment_sketch(img, rng)
 
 
@@ -147,6 +179,24 @@ def collate_views(batch):
     return (torch.stack(ok) if ok else None), errors
 
 
+# Plan keys that change no row's pixels or features: a cache that differs from the new plan only in
+# these (and in which rows it has) lends its rows to the new one.
+_ROW_NEUTRAL_KEYS = frozenset({"sketch_views", "edge_artists", "heldout", "freehand_views", "silhouette_views",
+                               "silhouette_artists", "n_jobs"})
+
+
+def _reusable_rows(out_dir: Path, old_plan: dict, plan: dict, wanted: set) -> dict[tuple[int, int], np.ndarray]:
+    """(record, view) -> feature of the rows of a complete earlier cache in `out_dir` that `plan` also
+    needs, when that cache was made by the same backbone, seed, records and stroke normalisation
+    (a row's render depends on those only); else nothing."""
+    same = all(old_plan.get(k) == v for k, v in plan.items() if k not in _ROW_NEUTRAL_KEYS)
+    if not same or not (out_dir / FEATURES_FILE).is_file():
+        return {}
+    old = FeatureSet.load(out_dir)
+    return {j: old.feats[i] for i, j in enumerate(zip(old.record.tolist(), old.view.tolist(), strict=True))
+            if j in wanted}
+
+
 def _atomic_save_npz(path: Path, **arrays) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
@@ -160,6 +210,9 @@ def extract_features(
     edge_artists: Sequence[str] = ("openmoji",),
     stroke_norm: bool = True,
     heldout: bool = True,
+    freehand_views: int = 0,
+    silhouette_views: int = 0,
+    silhouette_artists: Sequence[str] = ("openmoji",),
     seed: int = 0,
     batch_size: int = 32,
     workers: int = 1,
@@ -167,7 +220,8 @@ def extract_features(
 ) -> FeatureSet:
     """Compute (or finish computing) the feature cache of `records` under `out_dir`."""
     root, out_dir = Path(root), Path(out_dir)
-    jobs = plan_jobs(records, sketch_views, edge_artists, stroke_norm, heldout)
+    jobs = plan_jobs(records, sketch_views, edge_artists, stroke_norm, heldout, freehand_views, silhouette_views,
+                     silhouette_artists)
     plan = {
         "version": FEATURES_VERSION,
         "backbone": backbone.describe(),
@@ -181,14 +235,26 @@ def extract_features(
         "n_jobs": len(jobs),
         "chunk_rows": CHUNK_ROWS,
     }
-    if not heldout:  # only then, so that caches with every record keep their plan id
+    # only when set, so that caches made without them keep their plan id
+    if not heldout:
         plan["heldout"] = False
+    if freehand_views:
+        plan["freehand_views"] = freehand_views
+    if silhouette_views:
+        plan["silhouette_views"] = silhouette_views
+        plan["silhouette_artists"] = sorted(silhouette_artists)
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    reused: dict[tuple[int, int], np.ndarray] = {}
     if (out_dir / META_FILE).is_file():
         meta = json.loads((out_dir / META_FILE).read_text())
         if meta.get("plan_id") == plan_id:
             LOG.info("features in %s are complete and current", out_dir)
             return FeatureSet.load(out_dir)
+        reused = _reusable_rows(out_dir, meta.get("plan", {}), plan, set(jobs))
+    all_jobs, jobs = jobs, [j for j in jobs if j not in reused]
+    if reused:
+        LOG.info("reusing %d rows of the previous cache in %s (same backbone, seed, records and renders)",
+                 len(reused), out_dir)
     work = out_dir / f"chunks-{plan_id}"
     work.mkdir(parents=True, exist_ok=True)
     n_chunks = (len(jobs) + CHUNK_ROWS - 1) // CHUNK_ROWS
@@ -252,7 +318,16 @@ def extract_features(
             feats.append(z["feats"])
             ok.append(z["ok"])
             errs.append(z["err"])
-    feats_a, ok_a, errs_a = np.concatenate(feats), np.concatenate(ok), np.concatenate(errs)
+    feats_a = np.concatenate(feats) if feats else np.zeros((0, backbone.dim), np.float32)
+    ok_a = np.concatenate(ok) if ok else np.zeros(0, bool)
+    errs_a = np.concatenate(errs) if errs else np.zeros(0, str)
+    if reused:  # back in plan order: reused rows and fresh ones interleaved as planned
+        fresh = {j: i for i, j in enumerate(jobs)}
+        take = [fresh.get(j, -1) for j in all_jobs]
+        feats_a = np.stack([feats_a[i] if i >= 0 else reused[j] for i, j in zip(take, all_jobs, strict=True)])
+        ok_a = np.array([ok_a[i] if i >= 0 else True for i in take])
+        errs_a = np.array([errs_a[i] if i >= 0 else "" for i in take]).astype(str)
+    jobs = all_jobs
     job_a = np.array(jobs, dtype=np.int64).reshape(-1, 2)
     skipped = [
         {"path": records[int(job_a[i, 0])].path, "view": int(job_a[i, 1]), "reason": str(errs_a[i])}

@@ -31,7 +31,7 @@ from model.defaults import (
     DEFAULT_RERANK_TOP,
     DEFAULT_RERANK_WEIGHT,
 )
-from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet
+from model.features import EDGE_VIEW, NORM_VIEW, FeatureSet, drawn_from_photo, is_freehand, is_silhouette
 from model.iiae import IIAE, IIAEConfig
 from model.metrics import evaluate_retrieval
 from model.peer import InfoNCEPeer
@@ -80,6 +80,11 @@ class TrainConfig:
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
     # Tabler icons); False keeps them out of training but still validates on their seen classes.
     extra_styles: bool = True
+    # Train on the feature cache's made drawing styles (`sbir features --freehand-views/--silhouette-views`:
+    # freehand redraws of the training sketches, silhouettes made from the training photos); False leaves
+    # those rows out. True needs them in the cache.
+    freehand: bool = False
+    silhouettes: bool = False
     # InfoNCE peer: a comparison model, and the served second stage below
     peer: bool = True
     peer_temperature: float = 0.1
@@ -122,15 +127,21 @@ class TrainData:
 
 
 def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bool = False,
-            extra_styles: bool = True, norm_augment: bool = False) -> TrainData:
+            extra_styles: bool = True, norm_augment: bool = False, freehand: bool = False,
+            silhouettes: bool = False) -> TrainData:
     """Training and validation rows of `split`. Held-out records (`Record.heldout`) and edge maps
-    are never part of either; without `extra_styles`, style-set records only validate. With
+    are never part of either; without `extra_styles`, style-set records only validate; freehand and
+    silhouette rows train with `freehand` / `silhouettes` (silhouettes are sketch rows made from a
+    photo record) and are never validation queries. With
     `norm_augment` the normalised sketch rows stay beside the drawn ones (as views NORM_VIEW + v:
     training rows, never validation queries)."""
     if stroke_norm or not norm_augment:
         fs = fs.for_sketches(records, stroke_norm)
     gran = split.granularity
     rec_label = np.array([r.label(gran) for r in records])
+    for wanted, has, flag in ((freehand, is_freehand, "--freehand-views"), (silhouettes, is_silhouette, "--silhouette-views")):
+        if wanted and not has(fs.view).any():
+            raise ValueError(f"these features have no such rows: recompute them with `sbir features {flag} K`")
     rec_domain = np.array([0 if r.domain == "sketch" else 1 for r in records])
     part_of = {c: "train" for c in split.train} | {c: "val" for c in split.val} | {c: "unseen" for c in split.unseen}
     rec_part = np.array([part_of.get(lbl, "") for lbl in rec_label])
@@ -145,6 +156,9 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
     # edge-map rows are photos turned into a drawing style we never train on: not training data
     part = rec_part[fs.record].copy()
     part[fs.view % NORM_VIEW == EDGE_VIEW] = ""
+    made_sil, made_free = is_silhouette(fs.view), is_freehand(fs.view)
+    part[(made_sil & (not silhouettes)) | (made_free & (not freehand))] = ""
+    part[(made_sil | made_free) & (part == "val")] = ""
     # held-out drawing styles: evaluation only, whatever their class
     part[np.array([r.heldout for r in records])[fs.record]] = ""
     if not extra_styles:
@@ -160,7 +174,7 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
         classes=classes,
         label=np.where(part == "train", row_label, -1),
         instance=rec_inst[fs.record],
-        domain=rec_domain[fs.record],
+        domain=np.where(drawn_from_photo(fs.view), 0, rec_domain[fs.record]),
         view=fs.view,
         part=part,
         val_label=np.where(part == "val", row_val, -1),
@@ -433,7 +447,8 @@ def train_all(
     if cfg.rerank == "infonce" and not cfg.peer:
         raise ValueError("re-ranking with the InfoNCE peer needs the peer: drop --no-peer or choose --rerank")
     t0 = time.perf_counter()
-    td = prepare(fs, records, split, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment)
+    td = prepare(fs, records, split, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand,
+                 cfg.silhouettes)
     log({"stage": "data", **td.counts, "classes": len(td.classes), "val_classes": len(split.val)})
     adapter, a_info = train_adapter(td, cfg, log)
     a = adapted(td, adapter)
@@ -445,7 +460,8 @@ def train_all(
         # papers' 100-class training), each stage run for exactly the epochs/steps selected above.
         split_used = Split(name=split.name, seed=split.seed, train=sorted(split.train + split.val), val=[],
                            unseen=split.unseen, granularity=split.granularity)
-        td = prepare(fs, records, split_used, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment)
+        td = prepare(fs, records, split_used, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand,
+                     cfg.silhouettes)
         log({"stage": "refit", **td.counts, "classes": len(td.classes)})
         adapter, _ = train_adapter(td, cfg, log, stop_at=a_info["selected_epoch"])
         a = adapted(td, adapter)

@@ -224,3 +224,35 @@ def test_normalised_twins_train_but_never_validate():
     normed = prepare(fs, records, split, stroke_norm=True)
     assert not (normed.view >= NORM_VIEW).any() and len(normed.feats) == len(plain.feats)
     assert not np.array_equal(normed.feats.numpy(), plain.feats.numpy())
+
+
+def test_made_styles_train_as_sketches_only_when_asked():
+    from model.features import FREEHAND_VIEW, SILHOUETTE_VIEW
+    from model.train import prepare
+
+    fs, records, split = synthetic()
+    photo0 = np.flatnonzero((fs.view == 0) & np.array([records[r].domain == "photo" for r in fs.record]))
+    sketch0 = np.flatnonzero((fs.view == 0) & np.array([records[r].domain == "sketch" and not records[r].style_set
+                                                        for r in fs.record]))
+    # a silhouette (and its normalised twin) of every photo, a freehand redraw of every core sketch
+    extra_rec = np.concatenate([fs.record[photo0], fs.record[photo0], fs.record[sketch0]])
+    extra_view = np.concatenate([np.full(len(photo0), SILHOUETTE_VIEW), np.full(len(photo0), NORM_VIEW + SILHOUETTE_VIEW),
+                                 np.full(len(sketch0), FREEHAND_VIEW + 1)])
+    more = type(fs)(np.concatenate([fs.feats, fs.feats[photo0], fs.feats[photo0], fs.feats[sketch0]]),
+                    np.concatenate([fs.record, extra_rec]), np.concatenate([fs.view, extra_view]), fs.meta)
+    sil = (more.view % NORM_VIEW) == SILHOUETTE_VIEW
+    free = more.view == FREEHAND_VIEW + 1
+    off = prepare(more, records, split, norm_augment=True)
+    assert (off.part[sil | free] == "").all() and (off.label[sil | free] == -1).all()
+    on = prepare(more, records, split, norm_augment=True, freehand=True, silhouettes=True)
+    assert (on.domain[sil] == 0).all()  # drawings made from photos are sketch rows
+    rec_label = np.array([r.category for r in records])[more.record]
+    train = np.isin(rec_label, split.train)
+    assert (on.part[sil & train] == "train").all() and (on.part[free & train] == "train").all()
+    # never validation queries, never training rows of other classes
+    assert not np.isin(on.part[(sil | free) & ~train], ["train", "val"]).any()
+    assert (on.label[(sil | free) & ~train] == -1).all()
+    assert on.counts["train_sketch_rows"] == off.counts["train_sketch_rows"] + int(((sil | free) & train).sum())
+    assert on.counts["train_photo_rows"] == off.counts["train_photo_rows"]
+    with pytest.raises(ValueError, match="--silhouette-views"):
+        prepare(fs, records, split, silhouettes=True)
