@@ -22,6 +22,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
     ("--seed", "seed", {"type": int}, "seed of the training run"),
     ("--objective", "objective", {"choices": ["release", "paper"]}, "IIAE's objective"),
     ("--lam", "lam", {"type": float}, "IIAE lambda"),
+    ("--adapter-evals-per-epoch", "adapter_evals_per_epoch", {"type": int},
+     "validate the adapter this many times an epoch (it may then stop within its first epoch)"),
     ("--beta", "beta", {"type": float}, "IIAE beta (release form)"),
     ("--rec-weight", "rec_weight", {"type": float}, "weight of each reconstruction MSE (the release: 10)"),
     ("--iiae-steps", "iiae_max_steps", {"type": int}, "maximum IIAE steps (best on val is kept)"),

@@ -55,6 +55,9 @@ class TrainConfig:
     adapter_batch: int = 128
     adapter_max_epochs: int = 40
     adapter_patience: int = 6
+    # validations per epoch (the position kept may then be a fraction of an epoch; the refit runs the
+    # same fraction of its own epochs)
+    adapter_evals_per_epoch: int = 1
     label_smoothing: float = 0.1
     # IIAE (release recipe: Adam lr 2e-4, beta1 0.5, one same-class pair per class per step)
     objective: str = "release"
@@ -224,8 +227,9 @@ def class_loss(head: nn.Module, adapter: FeatureAdapter, f_s, f_p, y_s, y_p, lab
     )
 
 
-def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: int | None = None) -> tuple[FeatureAdapter, dict]:
-    """Early-stopped on validation mAP; with `stop_at`, exactly that many epochs and no validation."""
+def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: float | None = None) -> tuple[FeatureAdapter, dict]:
+    """Early-stopped on validation mAP; with `stop_at`, exactly that many epochs (a fraction allowed)
+    and no validation."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dim = td.feats.shape[1]
@@ -244,28 +248,35 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: int | None = No
     labels = torch.from_numpy(td.label)
     steps_per_epoch = max(1, (len(sk) + len(ph)) // (2 * cfg.adapter_batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_max_epochs * steps_per_epoch)
+    # validated every `every` steps (once an epoch by default); positions are in epochs, fractions allowed
+    per = max(1, cfg.adapter_evals_per_epoch)
+    total = max(1, round((stop_at or cfg.adapter_max_epochs) * steps_per_epoch))
+    checks = {round(k * steps_per_epoch / per) for k in range(1, per * (cfg.adapter_max_epochs + 1) + 1)} | {total}
 
     def encode(x, domain):
         adapter.eval()
         return F.normalize(adapter(x, domain), dim=-1)
 
-    best = (-1.0, 0, _state(adapter))
+    best = (-1.0, 0.0, _state(adapter))
     history = []
-    for epoch in range(1, (stop_at or cfg.adapter_max_epochs) + 1):
+    losses = []
+    for step in range(1, total + 1):
         adapter.train()
         head.train()
-        losses = []
-        for _ in range(steps_per_epoch):
-            bs, bp = balanced_batch(rng, sk, ph, cfg.adapter_batch)
-            loss = class_loss(head, adapter, td.feats[bs], td.feats[bp], labels[bs], labels[bp], cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        bs, bp = balanced_batch(rng, sk, ph, cfg.adapter_batch)
+        loss = class_loss(head, adapter, td.feats[bs], td.feats[bp], labels[bs], labels[bp], cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step not in checks:
+            continue
+        epoch = round(step / steps_per_epoch, 4) if per > 1 else step // steps_per_epoch
         vm = val_map(td, encode) if stop_at is None else float("nan")
         history.append({"epoch": epoch, "ce": float(np.mean(losses)), "val_mAP": vm})
         log({"stage": "adapter", "epoch": epoch, "ce": round(float(np.mean(losses)), 4), "val_mAP": round(vm, 4)})
+        losses = []
         if stop_at is not None:
             best = (vm, epoch, _state(adapter))
         elif vm > best[0]:

@@ -256,3 +256,25 @@ def test_made_styles_train_as_sketches_only_when_asked():
     assert on.counts["train_photo_rows"] == off.counts["train_photo_rows"]
     with pytest.raises(ValueError, match="--silhouette-views"):
         prepare(fs, records, split, silhouettes=True)
+
+
+def test_the_adapter_can_be_validated_within_an_epoch_and_refit_to_the_same_fraction():
+    from model.train import prepare, train_adapter
+
+    fs, records, split = synthetic()
+    td = prepare(fs, records, split, norm_augment=True)
+    logged = []
+    once = TrainConfig(adapter_max_epochs=3, adapter_batch=32, adapter_patience=99)
+    _, info1 = train_adapter(td, once, logged.append)
+    assert [e["epoch"] for e in info1["history"]] == [1, 2, 3]
+    quarter = TrainConfig(adapter_max_epochs=3, adapter_batch=32, adapter_patience=99, adapter_evals_per_epoch=4)
+    adapter, info4 = train_adapter(td, quarter, logged.append)
+    epochs = [e["epoch"] for e in info4["history"]]
+    assert len(epochs) == 12 and epochs[-1] == 3 and epochs[3] == 1
+    # the same steps: the whole-epoch validations see the same adapter either way
+    assert [h["val_mAP"] for h in info4["history"][3::4]] == pytest.approx([h["val_mAP"] for h in info1["history"]])
+    assert info4["val_mAP"] == max(h["val_mAP"] for h in info4["history"])
+    # a refit runs exactly the selected fraction of its epochs and validates nothing
+    logged.clear()
+    _, refit = train_adapter(td, quarter, logged.append, stop_at=0.5)
+    assert [e["epoch"] for e in logged] == [0.25, 0.5] and refit["selected_epoch"] == 0.5
