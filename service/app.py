@@ -40,8 +40,11 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
         settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
         cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads, cpu_precision=settings.cpu_precision,
     )
+    # Two stages: one batch's forward at a time (onnxruntime spreads it over every core), its search
+    # and metadata lookup while the next batch's forward runs (service/batcher.py).
     batcher = MicroBatcher(
-        lambda pair, payloads: pair.encode_and_search(payloads),
+        lambda pair, payloads: pair.encode(payloads),
+        finish=lambda pair, payloads, encoded: pair.search_encoded(payloads, encoded),
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,
