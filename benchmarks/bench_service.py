@@ -533,6 +533,8 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--cpu-runtime", args.cpu_runtime]
     if getattr(args, "batch_workers", None) is not None:
         flags += ["--batch-workers", str(args.batch_workers)]
+    if getattr(args, "batch_forwards", None) is not None:
+        flags += ["--batch-forwards", args.batch_forwards]
     if getattr(args, "device", "cpu") != "cpu":
         flags += ["--device", args.device]
     report["server_flags"] = flags
@@ -1056,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--torch-threads", type=int, default=None, help="for the server and the bare encoder")
     run.add_argument("--faiss-threads", type=int, default=None, help="for the server")
     run.add_argument("--batch-workers", type=int, default=None, help="for the server (default: its own)")
+    run.add_argument("--batch-forwards", choices=("one", "overlapping"), default=None,
+                     help="for the server (default: its own, one)")
     run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
                      help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
     run.add_argument("--device", default="cpu", help="the encoder's device, for the server and the bare encoder "

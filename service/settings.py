@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         "searches and looks up its metadata; one forward at a time, the other worker gathers meanwhile "
         "(docs/SERVICE.md)",
     )
+    batch_forwards: Literal["one", "overlapping"] = Field(
+        "one",
+        description="one: one batch's forward pass at a time, the other batch workers keep gathering meanwhile "
+        "(larger batches under load, less CPU a request); overlapping: each worker starts its forward after "
+        "max_wait_ms even while another runs (the behaviour before 2026-11-30; docs/SERVICE.md)",
+    )
     max_queue: int = Field(
         256,
         ge=1,
