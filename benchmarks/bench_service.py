@@ -9,6 +9,8 @@ Starts a real `sbir serve` process on 127.0.0.1 and drives it with an async http
     python benchmarks/bench_service.py run --root /tmp/bench100k --json out.json
     # CPU time of each stage of a request in-process, the second stage against the one before it
     python benchmarks/bench_service.py stages --root /tmp/bench100k [--cold]
+    # the server's CPU per request, by thread, with the forward replaced by a sleep: the request path alone
+    python benchmarks/bench_service.py fixed-cost --root /tmp/bench100k
     # resident memory under load (1M vectors; zs only: 1M re-ranking rows are 8.4 GB, built in memory)
     python benchmarks/bench_service.py make-index --out /tmp/bench1m --photos 1000000 --zs-only
     python benchmarks/bench_service.py soak --root /tmp/bench1m --seconds 600
@@ -217,7 +219,8 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
 class Server:
     """`sbir serve ROOT` as a child process on a free port; stopped with SIGTERM."""
 
-    def __init__(self, root: Path, extra: list[str], startup_timeout: float = 600):
+    def __init__(self, root: Path, extra: list[str], startup_timeout: float = 600, command: list[str] | None = None):
+        """`command` (given `--port PORT` at its end) replaces `sbir serve ROOT ... extra`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SBIR_")}
         port = free_port()
         cmd = [
@@ -234,6 +237,8 @@ class Server:
             *extra,
         ]
         cmd += ["--log-level", "warning"]  # no access log: it would cost the server time per request
+        if command is not None:
+            cmd = [*command, "--port", str(port)]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -268,6 +273,19 @@ class Server:
         """User + system CPU time of the server process so far (all its threads)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu_seconds(self, names: dict[str, str]) -> dict[str, float]:
+        """CPU seconds so far per thread name (`names`: native thread id -> name; others are "native":
+        onnxruntime's and OpenMP's own threads), numbered threads of one pool summed."""
+        out: dict[str, float] = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            name = names.get(task.name, "native").rstrip("0123456789_-")
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
 
     def peak_rss_mb(self) -> float:
         return _status_kb(self.proc.pid, "VmHWM") / 1024
@@ -475,7 +493,7 @@ class BareEncoder:
                 if time.perf_counter() - start >= seconds:
                     break
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-            out.update(images_per_s=round(done / wall, 3), cpu_s_per_image=round(cpu / done, 4), images=done)
+            out.update(images_per_s=round(done / wall, 3), cpu_s_per_image=round(cpu / done, 6), images=done)
 
         worker = threading.Thread(target=work, name="bare-encoder")
         worker.start()
@@ -515,6 +533,8 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--cpu-runtime", args.cpu_runtime]
     if getattr(args, "batch_workers", None) is not None:
         flags += ["--batch-workers", str(args.batch_workers)]
+    if getattr(args, "batch_forwards", None) is not None:
+        flags += ["--batch-forwards", args.batch_forwards]
     if getattr(args, "device", "cpu") != "cpu":
         flags += ["--device", args.device]
     report["server_flags"] = flags
@@ -553,7 +573,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
                 r = asyncio.run(
                     drive(server.url, png, args.clients, args.concurrent_requests, args.round_seconds)
                 )
-            r["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, r["requests"]), 4)
+            r["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, r["requests"]), 6)
             rounds.append(r)
             bares.append(bare.measure(args.bare_seconds))
         report["bare_encoder"] = {"batch": args.max_batch, "windows": bares}
@@ -567,8 +587,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
             "service_rps": round(served / seconds, 3),
             "bare_images_per_s": round(bare_rate, 3),
             "throughput_ratio": round(served / seconds / bare_rate, 3),
-            "service_cpu_s_per_request": round(service_cpu, 4),
-            "bare_cpu_s_per_image": round(bare_cpu, 4),
+            "service_cpu_s_per_request": round(service_cpu, 6),
+            "bare_cpu_s_per_image": round(bare_cpu, 6),
             "cpu_ratio": round(bare_cpu / service_cpu, 3),
             "mean_batch_size": round(statistics.mean(r["mean_batch_size"] for r in rounds), 2),
             "failures": sum(r["failures"] for r in rounds) + report["single_client"]["failures"],
@@ -721,7 +741,7 @@ def cmd_profile(args: argparse.Namespace) -> dict:
             time.sleep(1)
             cpu0 = server.cpu_seconds()
             load = drive_wrk(server.url, png, args.clients, args.seconds + 2)
-            load["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, load["requests"]), 4)
+            load["server_cpu_s_per_request"] = round((server.cpu_seconds() - cpu0) / max(1, load["requests"]), 6)
             _, spy_err = spy.communicate(timeout=args.seconds + 60)
             stacks = raw.read_text().splitlines() if raw.is_file() else []
             if not stacks:
@@ -745,6 +765,75 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     report["cpu_ms_per_request_by_stage"] = {k: round(v / total * cpu_ms, 3) for k, v in counts.most_common()}
     report["top_frames"] = {k: [f"{n} {f}" for f, n in leaves[k].most_common(6)] for k, _ in counts.most_common()}
     return report
+
+
+def cmd_fixed_cost(args: argparse.Namespace) -> dict:
+    """The request path's own CPU: the server under `clients` wrk connections with its forward pass
+    replaced by a sleep of the forward's wall time (`--forward-ms` per image), so that the server's CPU
+    per request is everything but the forward (HTTP, decoding, batching, search, metadata, JSON) and
+    does not carry the forward's noise; per thread, from /proc."""
+    import tempfile
+
+    png = sketch_png()
+    report: dict = {"machine": machine(), "root": str(args.root), "clients": args.clients,
+                    "forward_ms_per_image": args.forward_ms, "settings": json.loads(args.settings)}
+    with tempfile.TemporaryDirectory(prefix="sbir-fixed-") as tmp:
+        names_file = Path(tmp) / "threads.json"
+        child = [sys.executable, __file__, "fixed-cost-child", "--root", str(args.root), "--forward-ms",
+                 str(args.forward_ms), "--settings", args.settings, "--names", str(names_file)]
+        server = Server(args.root, [], command=child)
+        try:
+            drive_wrk(server.url, png, args.clients, 3)  # warm-up
+            rounds = []
+            for _ in range(args.rounds):
+                names = json.loads(names_file.read_text())
+                cpu0, threads0 = server.cpu_seconds(), server.thread_cpu_seconds(names)
+                r = drive_wrk(server.url, png, args.clients, args.round_seconds)
+                names = json.loads(names_file.read_text())
+                cpu, threads = server.cpu_seconds() - cpu0, server.thread_cpu_seconds(names)
+                n = max(1, r["requests"])
+                r["server_cpu_ms_per_request"] = round(cpu / n * 1000, 4)
+                r["thread_cpu_ms_per_request"] = {
+                    k: round((v - threads0.get(k, 0.0)) / n * 1000, 4) for k, v in sorted(threads.items())
+                    if v - threads0.get(k, 0.0) > 0}  # fmt: skip
+                rounds.append(r)
+        finally:
+            report["server_exit_code"] = server.stop()
+    report["rounds"] = rounds
+    report["server_cpu_ms_per_request"] = round(statistics.median(r["server_cpu_ms_per_request"] for r in rounds), 4)
+    report["mean_batch_size"] = round(statistics.mean(r["mean_batch_size"] for r in rounds), 2)
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def cmd_fixed_cost_child(args: argparse.Namespace) -> None:
+    """`sbir serve` with `SBIRModel.encode_pixels` returning the first query's real vector for every
+    image after sleeping `forward_ms` per image; writes its threads' names for the parent."""
+    from model.pipeline import SBIRModel
+    from service.server import run
+    from service.settings import Settings
+
+    encode, cached = SBIRModel.encode_pixels, {}
+
+    def sleeping_forward(self, pixels, domain):
+        if "row" not in cached:  # the real vector: the search and the second stage do their real work
+            cached["row"] = encode(self, pixels[:1], domain)
+        time.sleep(args.forward_ms / 1000 * len(pixels))
+        return np.repeat(cached["row"], len(pixels), axis=0)
+
+    SBIRModel.encode_pixels = sleeping_forward
+
+    def write_names() -> None:
+        for _ in range(1_000_000):  # bounded; a daemon thread, it ends with the server
+            names = {str(t.native_id): t.name for t in threading.enumerate()}
+            part = args.names.with_suffix(".part")
+            part.write_text(json.dumps(names))
+            part.replace(args.names)  # whole, never half-written, when the parent reads it
+            time.sleep(1)
+
+    threading.Thread(target=write_names, name="thread-names", daemon=True).start()
+    settings = {"log_level": "warning", **json.loads(args.settings)}
+    run(Settings(snapshot_root=args.root, host=HOST, port=args.port, **settings))
 
 
 def multipart_body(png: bytes, boundary: str = "sbirbench7d1c0b") -> tuple[bytes, str]:
@@ -969,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--torch-threads", type=int, default=None, help="for the server and the bare encoder")
     run.add_argument("--faiss-threads", type=int, default=None, help="for the server")
     run.add_argument("--batch-workers", type=int, default=None, help="for the server (default: its own)")
+    run.add_argument("--batch-forwards", choices=("one", "overlapping"), default=None,
+                     help="for the server (default: its own, one)")
     run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
                      help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
     run.add_argument("--device", default="cpu", help="the encoder's device, for the server and the bare encoder "
@@ -1008,6 +1099,21 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--faiss-threads", type=int, default=None)
     pr.add_argument("--batch-workers", type=int, default=None)
     pr.add_argument("--json", type=Path, default=None)
+    fc = sub.add_parser("fixed-cost", help="server CPU per request with the forward replaced by a sleep, by thread")
+    fc.add_argument("--root", type=Path, required=True)
+    fc.add_argument("--clients", type=int, default=16)
+    fc.add_argument("--rounds", type=int, default=3)
+    fc.add_argument("--round-seconds", type=float, default=10)
+    fc.add_argument("--forward-ms", type=float, default=2.5,
+                    help="wall time of the replaced forward per image (2.5: the int8 one on two idle cores)")
+    fc.add_argument("--settings", default="{}", help='server settings as JSON, e.g. \'{"decode_threads": 1}\'')
+    fc.add_argument("--json", type=Path, default=None)
+    fcc = sub.add_parser("fixed-cost-child")
+    fcc.add_argument("--root", type=Path, required=True)
+    fcc.add_argument("--port", type=int, required=True)
+    fcc.add_argument("--forward-ms", type=float, required=True)
+    fcc.add_argument("--settings", default="{}")
+    fcc.add_argument("--names", type=Path, required=True)
     th = sub.add_parser("threads", help="encoder and FAISS speed per OpenMP wait policy and thread count")
     th.add_argument("--root", type=Path, required=True)
     th.add_argument("--seconds", type=float, default=6)
@@ -1023,11 +1129,14 @@ def main(argv: list[str] | None = None) -> int:
     # As `sbir serve` does, before torch is loaded here, so that the bare encoder runs as the server's
     # does. OMP_WAIT_POLICY= (empty) measures libgomp's default instead.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.cmd == "fixed-cost-child":
+        cmd_fixed_cost_child(args)
+        return 0
     if args.cmd == "make-index":
         make_index(args.out, args.photos, args.model, args.seed, args.cpu_precision, rerank=not args.zs_only)
         return 0
     report = {"run": cmd_run, "soak": cmd_soak, "threads": cmd_threads, "profile": cmd_profile,
-              "stages": cmd_stages}[args.cmd](args)
+              "stages": cmd_stages, "fixed-cost": cmd_fixed_cost}[args.cmd](args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

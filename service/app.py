@@ -26,7 +26,7 @@ from service.errors import ApiError, error_body
 from service.metrics import ServiceMetrics
 from service.routes import admin, ops, page, photos, search
 from service.settings import Settings
-from service.state import NotReady, ServingState
+from service.state import NotReady, ServingPair, ServingState
 
 LOG = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
@@ -40,8 +40,13 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
         settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
         cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads, cpu_precision=settings.cpu_precision,
     )
+    one_forward = settings.batch_forwards == "one"
     batcher = MicroBatcher(
-        lambda pair, payloads: pair.encode_and_search(payloads),
+        # "one": two stages, one batch's forward at a time (onnxruntime spreads it over every core), its
+        # search and metadata lookup while the next batch's forward runs (service/batcher.py). The
+        # batcher's key is the ServingPair a request leased, so its methods are the stages.
+        ServingPair.encode if one_forward else ServingPair.encode_and_search,
+        finish=ServingPair.search_encoded if one_forward else None,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,

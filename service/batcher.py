@@ -11,6 +11,12 @@ waits for more only while some are announced, so a lone request never waits for 
 With `workers` > 1, that many threads gather and run batches from the same queue, so a batch can
 start while the one before it finishes: on a CPU encoder that runs each image on its own core, the
 cores would otherwise idle while the last images of a batch, its search and its metadata lookup run.
+
+A batch may run in two stages, `run_batch` (the forward pass) and `finish` (search, metadata): then
+one worker at a time runs `run_batch`, and a worker whose batch could not start its forward anyway,
+because another batch's forward holds the encoder, keeps gathering until it is free (past
+`max_wait_s`): under load a batch takes everything that arrived during the forward before it, while
+its search still overlaps the next forward. A lone request never waits: the encoder is free.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +80,9 @@ def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) ->
 
 
 class MicroBatcher:
-    """`run_batch(key, payloads) -> results` (same length) runs on one thread, one batch at a time."""
+    """`run_batch(key, payloads) -> results` (same length) runs on a worker thread, one batch at a
+    time per worker. With `finish`, `run_batch(key, payloads) -> encoded` runs on one worker at a time
+    and `finish(key, payloads, encoded) -> results` on each worker as soon as its `run_batch` returns."""
 
     def __init__(
         self,
@@ -86,14 +94,19 @@ class MicroBatcher:
         on_start: Callable[[], None] | None = None,
         name: str = "sbir-batcher",
         workers: int = 1,
+        finish: Callable[[Hashable, Sequence[Any], Any], Sequence[Any]] | None = None,
     ):
         assert max_batch >= 1 and max_wait_s >= 0 and max_queue >= 1, "batch limits must be positive"
         assert workers >= 1, "at least one worker thread"
         self._run_batch = run_batch
+        self._finish = finish
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # Unbounded, so that stop signals never block; `enqueue` enforces max_queue for items.
-        self._queue: queue.Queue = queue.Queue()
+        # Unbounded, so that stop signals never block; `enqueue` enforces max_queue for items. One
+        # condition wakes a gathering worker for both things it waits for: an item, a free encoder.
+        self._queue: deque = deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._encoding = False  # a batch is in `run_batch` (two stages only; under _ready)
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._on_start = on_start
@@ -122,7 +135,12 @@ class MicroBatcher:
 
     def depth(self) -> int:
         """Items waiting for a batch (approximate, as any queue size read from another thread)."""
-        return self._queue.qsize()
+        return len(self._queue)
+
+    def _put(self, item: Any) -> None:
+        with self._ready:
+            self._queue.append(item)
+            self._ready.notify_all()
 
     def enqueue(self, key: Hashable, payload: Any) -> asyncio.Future:
         """Queue one payload (on the event loop); await the future for (result, BatchInfo).
@@ -135,9 +153,9 @@ class MicroBatcher:
         with self._lifecycle:  # never queue behind a worker that has exited: the item would wait forever
             if self._stopped:
                 raise BatcherStopped(self._stop_reason)
-            if self._queue.qsize() >= self.max_queue:
+            if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting for the encoder")
-            self._queue.put_nowait(item)
+            self._put(item)
         return item.future
 
     async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
@@ -157,7 +175,7 @@ class MicroBatcher:
             self._stopped = True
         live = [t for t in self._threads if t.is_alive()]
         for _ in live:  # one stop signal per worker, behind everything already queued
-            self._queue.put(_STOP)
+            self._put(_STOP)
         deadline = time.monotonic() + timeout
         for thread in live:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -176,7 +194,7 @@ class MicroBatcher:
                 self._stopped = True
                 self._stop_reason = "the encoder worker stopped (see the server log)"
             for _ in self._threads[1:]:  # the other workers finish what is queued, then stop too
-                self._queue.put(_STOP)
+                self._put(_STOP)
         finally:
             with self._lifecycle:
                 self._running -= 1
@@ -187,7 +205,7 @@ class MicroBatcher:
     def _serve(self) -> None:
         carried: _Item | None = None
         while True:
-            first = carried if carried is not None else self._queue.get()
+            first = carried if carried is not None else self._take()
             carried = None
             if first is _STOP:
                 break
@@ -196,36 +214,79 @@ class MicroBatcher:
             if stop:
                 break
         if carried is not None and carried is not _STOP:
+            self._claim_encoder()
             self._run([carried])
 
+    def _take(self) -> Any:
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            return self._queue.popleft()
+
     def _gather(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
-        """`first` plus what arrives before its deadline, same key only; returns (batch, carried, stop)."""
+        """`first` plus what arrives before its deadline, same key only; returns (batch, carried, stop).
+
+        In two stages, it returns holding the encoder (`_encoding`), and keeps gathering past the
+        deadline while another batch holds it."""
         batch = [first]
         deadline = first.enqueued + self.max_wait_s
-        while len(batch) < self.max_batch:
-            if self._incoming <= 0 and self._queue.empty():
-                break  # nobody else is on the way: waiting would only add latency
-            timeout = deadline - time.perf_counter()
-            try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, None, True
-            if item.key != first.key:
-                return batch, item, False  # after a snapshot swap: the next batch starts with it
-            batch.append(item)
+        with self._ready:
+            while len(batch) < self.max_batch:
+                if self._queue:
+                    item = self._queue.popleft()
+                    if item is _STOP:
+                        self._claim_encoder_locked()
+                        return batch, None, True
+                    if item.key != first.key:
+                        self._claim_encoder_locked()
+                        return batch, item, False  # after a snapshot swap: the next batch starts with it
+                    batch.append(item)
+                    continue
+                if self._finish is not None and self._encoding:
+                    self._ready.wait()  # woken by an item or by the encoder coming free
+                    continue
+                timeout = deadline - time.perf_counter()
+                if self._incoming <= 0 or timeout <= 0:
+                    break  # nobody else is on the way, or the wait is over
+                self._ready.wait(timeout)
+            self._claim_encoder_locked()
         return batch, None, False
 
+    def _claim_encoder(self) -> None:
+        with self._ready:
+            self._claim_encoder_locked()
+
+    def _claim_encoder_locked(self) -> None:
+        if self._finish is None:
+            return
+        while self._encoding:
+            self._ready.wait()
+        self._encoding = True
+
+    def _release_encoder(self) -> None:
+        if self._finish is None:
+            return
+        with self._ready:
+            self._encoding = False
+            self._ready.notify_all()
+
     def _run(self, batch: list[_Item]) -> None:
+        """Runs the batch, the encoder already claimed (two stages); releases it after `run_batch`."""
         live = [it for it in batch if not it.future.cancelled()]
         if not live:
+            self._release_encoder()
             return
         start = time.perf_counter()
         error: BaseException | None = None
         results: Sequence[Any] = ()
+        key, payloads = live[0].key, [it.payload for it in live]
         try:
-            results = self._run_batch(live[0].key, [it.payload for it in live])
+            try:
+                results = self._run_batch(key, payloads)
+            finally:
+                self._release_encoder()
+            if self._finish is not None:
+                results = self._finish(key, payloads, results)
             assert len(results) == len(live), (
                 f"run_batch returned {len(results)} results for {len(live)} items"
             )
@@ -242,9 +303,9 @@ class MicroBatcher:
 
     def _fail_leftovers(self) -> None:
         while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
+            with self._ready:
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
             if item is not _STOP:
                 _post(item, None, BatcherStopped(self._stop_reason))

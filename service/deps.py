@@ -30,7 +30,9 @@ class Service:
     searches_in_flight: int = 0  # only touched on the event loop: no lock needed
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI runs a plain `def` dependency on its thread pool, a hop to another thread and back
+    # for every request (docs/BENCHMARKS.md, "The request path, cut")
     return request.app.state.service
 
 

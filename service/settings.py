@@ -44,8 +44,15 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=8,
-        description="batches in flight at once: with 2, a batch starts while the one before it finishes "
-        "its last images, its search and its metadata (docs/SERVICE.md)",
+        description="batches in flight at once: with 2, a batch's forward pass runs while the one before it "
+        "searches and looks up its metadata; one forward at a time, the other worker gathers meanwhile "
+        "(docs/SERVICE.md)",
+    )
+    batch_forwards: Literal["one", "overlapping"] = Field(
+        "one",
+        description="one: one batch's forward pass at a time, the other batch workers keep gathering meanwhile "
+        "(larger batches under load, less CPU a request); overlapping: each worker starts its forward after "
+        "max_wait_ms even while another runs (the behaviour before 2026-11-30; docs/SERVICE.md)",
     )
     max_queue: int = Field(
         256,

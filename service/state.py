@@ -9,11 +9,12 @@ pair they started on, so a retired pair is closed only after its last request ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +53,14 @@ class SearchHit:
     encode_s: float
     search_s: float
     metadata_s: float
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch's query vectors (n, dim) float32 and the seconds its forward pass took."""
+
+    vectors: np.ndarray
+    seconds: float
 
 
 class ServingPair:
@@ -112,20 +121,27 @@ class ServingPair:
             self.closed_event.set()
 
     def encode_and_search(self, payloads: Sequence[tuple[torch.Tensor, int]]) -> list[SearchHit]:
-        """Blocking (the batcher's thread): one forward pass, one index search and one metadata
-        lookup for all payloads.
+        """Blocking: `encode` then `search_encoded`, the batcher's two stages on one thread."""
+        return self.search_encoded(payloads, self.encode(payloads))
 
-        A flat index scan is memory-bound per query, so one batched search costs about what a
-        single query does; the batch is searched at its largest k and each answer cut to its own.
-        """
-        if not self.acquire():
-            raise NotReady(f"snapshot {self.id} was closed before its batch ran")
-        try:
+    def encode(self, payloads: Sequence[tuple[torch.Tensor, int]]) -> EncodedBatch:
+        """Blocking (a batcher thread, one batch at a time): one forward pass for all payloads."""
+        with self._leased():
             t0 = time.perf_counter()
             vectors = self.model.encode_pixels(torch.stack([p for p, _ in payloads]), "sketch")
+            return EncodedBatch(np.ascontiguousarray(vectors, dtype=np.float32), time.perf_counter() - t0)
+
+    def search_encoded(self, payloads: Sequence[tuple[torch.Tensor, int]], encoded: EncodedBatch) -> list[SearchHit]:
+        """Blocking (a batcher thread): one index search and one metadata lookup for a batch's vectors.
+
+        One batched search of n queries costs far less than n single ones (an exact 100k scan at k=400:
+        1.09 ms alone, 0.38 ms a query in a batch of 10; docs/BENCHMARKS.md); the batch is searched at its
+        largest k and each answer cut to its own.
+        """
+        with self._leased():
             t1 = time.perf_counter()
             k_max = max(k for _, k in payloads)
-            scores, ids = self.snapshot.search(np.ascontiguousarray(vectors, dtype=np.float32), k_max)
+            scores, ids = self.snapshot.search(encoded.vectors, k_max)
             t2 = time.perf_counter()
             answers = [
                 [(s, i) for s, i in zip(scores[row, :k].tolist(), ids[row, :k].tolist(), strict=True) if i >= 0]
@@ -134,11 +150,19 @@ class ServingPair:
             wanted = sorted({i for answer in answers for _, i in answer})
             records = dict(zip(wanted, self.snapshot.lookup(wanted), strict=True)) if wanted else {}
             t3 = time.perf_counter()
+        return [
+            SearchHit([(s, i, records[i]) for s, i in answer], encoded.seconds, t2 - t1, t3 - t2)
+            for answer in answers
+        ]
+
+    @contextlib.contextmanager
+    def _leased(self) -> Iterator[None]:
+        if not self.acquire():
+            raise NotReady(f"snapshot {self.id} was closed before its batch ran")
+        try:
+            yield
         finally:
             self.release()
-        return [
-            SearchHit([(s, i, records[i]) for s, i in answer], t1 - t0, t2 - t1, t3 - t2) for answer in answers
-        ]
 
 
 class ModelCache:

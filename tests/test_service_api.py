@@ -159,6 +159,19 @@ def test_concurrent_sketches_are_batched(client, png):
     assert all(r.json()["results"] == first for r in out)  # batching does not change answers
 
 
+def test_overlapping_forwards_answer_as_one_forward_at_a_time_does(served, client, png):
+    """`batch_forwards` changes how batches are scheduled, never an answer."""
+    _, _, root = served
+    settings = Settings(snapshot_root=root, device="cpu", reload_interval_s=0, torch_threads=2, faiss_threads=1,
+                        batch_forwards="overlapping", max_wait_ms=30)
+    want = search_file(client, png, k=5).json()
+    with TestClient(create_app(settings)) as other:
+        got = search_file(other, png, k=5).json()
+    assert [(x["id"], round(x["score"], 5)) for x in got["results"]] == [
+        (x["id"], round(x["score"], 5)) for x in want["results"]]
+    assert got["snapshot"] == want["snapshot"]
+
+
 # --- every bad input gets a clear JSON error and the server goes on ------------------------------
 def test_empty_bodies(client):
     assert_error(

@@ -303,3 +303,129 @@ def test_one_dead_worker_of_two_stops_the_batcher_without_losing_queued_requests
     assert not b.alive and not any(t.is_alive() for t in b._threads)
     # the surviving worker served what was queued (none waits forever, none is lost)
     assert sorted(r for r, _ in results) == [0, 2, 4]
+
+
+class TwoStages:
+    """run_batch / finish doubles: records which stage ran when; `hold` blocks the first forward
+    until the test sets `release`."""
+
+    def __init__(self, hold: bool = False, fail_forward_on: object = None):
+        self.forwards: list[list] = []
+        self.events: list[tuple[str, int]] = []
+        self.encoding = 0
+        self.overlapped = False  # two forwards ran at once
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail_forward_on = fail_forward_on
+        if not hold:
+            self.release.set()
+
+    def forward(self, key, payloads):
+        with self.lock:
+            self.encoding += 1
+            self.overlapped |= self.encoding > 1
+            self.forwards.append(list(payloads))
+        self.started.set()
+        try:
+            assert self.release.wait(30), "the test never released the forward"
+            time.sleep(0.01)
+            if self.fail_forward_on in payloads:
+                raise RuntimeError("forward failed")
+            return [p * 10 for p in payloads]
+        finally:
+            with self.lock:
+                self.encoding -= 1
+
+    def finish(self, key, payloads, encoded):
+        assert len(encoded) == len(payloads)
+        return [e + 1 for e in encoded]
+
+
+def two_stage_batcher(stages: TwoStages, **kw) -> MicroBatcher:
+    kw = {"max_batch": 16, "max_wait_s": 0.0, "max_queue": 64, "workers": 2, **kw}
+    return MicroBatcher(stages.forward, finish=stages.finish, **kw)
+
+
+def test_two_stages_run_one_forward_at_a_time_and_finish_each_batch():
+    stages = TwoStages()
+    b = two_stage_batcher(stages, max_batch=2)
+    b.start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit("k", i) for i in range(12)))
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [10 * i + 1 for i in range(12)]
+    assert not stages.overlapped and sum(len(f) for f in stages.forwards) == 12
+
+
+def test_a_batch_gathers_past_max_wait_while_another_forward_holds_the_encoder():
+    """max_wait 0: one-stage batches would start with whatever is queued. Here the second batch
+    waits for the first forward to end, and by then all the others have arrived: one batch."""
+    stages = TwoStages(hold=True)
+    b = two_stage_batcher(stages)
+    b.start()
+
+    async def main():
+        first = asyncio.ensure_future(b.submit("k", 0))
+        assert await asyncio.to_thread(stages.started.wait, 30)  # the first forward holds the encoder
+        rest = [asyncio.ensure_future(b.submit("k", i)) for i in range(1, 4)]
+        await asyncio.sleep(0.05)  # the other worker has taken item 1 and waits for the encoder
+        rest += [asyncio.ensure_future(b.submit("k", i)) for i in range(4, 8)]
+        await asyncio.sleep(0.05)
+        stages.release.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [10 * i + 1 for i in range(8)]
+    assert stages.forwards == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    assert [info.batch_size for _, info in out] == [1] + [7] * 7
+
+
+def test_two_stages_a_lone_request_does_not_wait():
+    stages = TwoStages()
+    b = two_stage_batcher(stages, max_wait_s=3600.0)  # waiting at all would hang
+
+    async def main():
+        return await asyncio.wait_for(announced(b, "k", 1), timeout=30)
+
+    b.start()
+    r, info = run(main())
+    b.stop()
+    assert r == 11 and info.batch_size == 1
+
+
+def test_a_failed_forward_frees_the_encoder_and_fails_its_batch_only():
+    stages = TwoStages(fail_forward_on=3)
+    b = two_stage_batcher(stages, max_batch=1)
+    b.start()
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(*(b.submit("k", i) for i in range(6)), return_exceptions=True), timeout=30
+        )
+
+    out = run(main())
+    b.stop()
+    assert isinstance(out[3], RuntimeError) and "forward failed" in str(out[3])
+    assert [o[0] for o in out if not isinstance(o, Exception)] == [1, 11, 21, 41, 51]
+
+
+def test_two_stages_keep_keys_apart_and_stop_after_what_is_queued():
+    stages = TwoStages()
+    b = two_stage_batcher(stages)
+    b.start()
+
+    async def main():
+        waiting = [b.enqueue("old" if i % 2 else "new", i) for i in range(10)]
+        await asyncio.to_thread(b.stop)
+        return await asyncio.gather(*waiting)
+
+    out = run(main())
+    assert [r for r, _ in out] == [10 * i + 1 for i in range(10)]
+    for batch in stages.forwards:
+        assert len({p % 2 for p in batch}) == 1
+    assert not any(t.is_alive() for t in b._threads)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.state import ServingPair
+from service.state import NotReady, ServingPair
 
 
 class FakeSnapshot:
@@ -189,3 +189,28 @@ def test_an_int8_snapshot_of_the_same_or_an_unrecorded_calibration_is_served(cap
     with caplog.at_level("WARNING", logger="service.state"):
         assert _load(older).snapshot is older
     assert "snapshot snap-a records no int8 calibration" in caplog.text
+
+
+def test_the_two_stages_give_what_one_call_gives():
+    snap, model = FakeSnapshot(), FakeModel()
+    pair = ServingPair(snap, model)
+    payloads = [(torch.zeros(3, 8, 8, dtype=torch.uint8), k) for k in (2, 5)]
+    encoded = pair.encode(payloads)
+    assert encoded.vectors.shape == (2, 4) and encoded.vectors.dtype == np.float32 and encoded.seconds >= 0
+    assert snap.searches == []  # the forward stage does not search
+    staged = pair.search_encoded(payloads, encoded)
+    whole = pair.encode_and_search(payloads)
+    assert [h.found for h in staged] == [h.found for h in whole]
+    assert model.batches == [2, 2] and snap.searches == [(2, 5), (2, 5)]
+
+
+def test_a_closed_pair_refuses_both_stages():
+    pair = ServingPair(FakeSnapshot(), FakeModel())
+    payloads = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 2)]
+    encoded = pair.encode(payloads)
+    pair.retire()
+    assert pair.closed_event.wait(5)
+    with pytest.raises(NotReady):
+        pair.encode(payloads)
+    with pytest.raises(NotReady):
+        pair.search_encoded(payloads, encoded)

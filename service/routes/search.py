@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ServiceDep
 from service.errors import ApiError
@@ -118,7 +118,7 @@ def build_router(settings: Settings) -> APIRouter:
         openapi_extra=_request_body_doc(),
         summary="Find the photos that match a sketch",
     )
-    async def search(request: Request, service: ServiceDep, k: KQuery = settings.default_k) -> SearchResponse:
+    async def search(request: Request, service: ServiceDep, k: KQuery = settings.default_k) -> Response:
         start = time.perf_counter()
         form = "unknown"
         # Bounds what waits in memory (bodies, decoded images) before the batcher's own queue does.
@@ -137,7 +137,9 @@ def build_router(settings: Settings) -> APIRouter:
         finally:
             service.searches_in_flight -= 1
         service.metrics.searches.labels("ok", form).inc()
-        return answer
+        # Serialised here, once: returned as a model, FastAPI would dump it, validate the dump against
+        # `response_model` again and encode that (0.07 against 0.01 ms of CPU a request).
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     return router
 
