@@ -429,3 +429,50 @@ def test_two_stages_keep_keys_apart_and_stop_after_what_is_queued():
     for batch in stages.forwards:
         assert len({p % 2 for p in batch}) == 1
     assert not any(t.is_alive() for t in b._threads)
+
+
+def test_a_batch_runs_a_multiple_of_the_encoder_threads_when_more_is_coming():
+    """Seven items gather behind the first forward while an eighth is announced; with multiple_of 2
+    the batch takes six and leaves the seventh at the front of the queue for the next batch, with the
+    eighth."""
+    stages = TwoStages(hold=True)
+    b = two_stage_batcher(stages, multiple_of=2)
+    b.start()
+
+    async def main():
+        first = asyncio.ensure_future(b.submit("k", 0))
+        assert await asyncio.to_thread(stages.started.wait, 30)
+        rest = [asyncio.ensure_future(b.submit("k", i)) for i in range(1, 8)]
+        with b.incoming():  # the eighth is on its way (decoding) when the encoder comes free
+            await asyncio.sleep(0.05)
+            stages.release.set()
+            while len(stages.forwards) < 2:
+                await asyncio.sleep(0.005)
+            last = asyncio.ensure_future(b.submit("k", 8))
+        out = await asyncio.wait_for(asyncio.gather(first, *rest, last), timeout=30)
+        return out, [list(f) for f in stages.forwards]
+
+    out, forwards = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [10 * i + 1 for i in range(9)]
+    assert forwards == [[0], [1, 2, 3, 4, 5, 6], [7, 8]]
+    assert not stages.overlapped
+
+
+def test_an_odd_batch_runs_whole_when_nothing_else_is_coming():
+    stages = TwoStages(hold=True)
+    b = two_stage_batcher(stages, multiple_of=2)
+    b.start()
+
+    async def main():
+        first = asyncio.ensure_future(b.submit("k", 0))
+        assert await asyncio.to_thread(stages.started.wait, 30)
+        rest = [asyncio.ensure_future(b.submit("k", i)) for i in range(1, 4)]
+        await asyncio.sleep(0.05)
+        stages.release.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)
+
+    out = run(main())
+    b.stop()
+    assert [r for r, _ in out] == [10 * i + 1 for i in range(4)]
+    assert stages.forwards == [[0], [1, 2, 3]]
