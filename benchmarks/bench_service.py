@@ -535,8 +535,6 @@ def start_server(args: argparse.Namespace, report: dict, flags: list[str]) -> Se
         flags += ["--batch-workers", str(args.batch_workers)]
     if getattr(args, "batch_forwards", None) is not None:
         flags += ["--batch-forwards", args.batch_forwards]
-    if getattr(args, "batch_multiple", None) is not None:
-        flags += ["--batch-multiple", str(args.batch_multiple)]
     if getattr(args, "device", "cpu") != "cpu":
         flags += ["--device", args.device]
     report["server_flags"] = flags
@@ -1062,8 +1060,6 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-workers", type=int, default=None, help="for the server (default: its own)")
     run.add_argument("--batch-forwards", choices=("one", "overlapping"), default=None,
                      help="for the server (default: its own, one)")
-    run.add_argument("--batch-multiple", type=int, default=None,
-                     help="for the server (default: its own, the encoder's threads; 1 switches it off)")
     run.add_argument("--cpu-runtime", choices=("auto", "onnxruntime", "torch"), default=None,
                      help="the backbone's CPU runtime, for the server and the bare encoder (default auto)")
     run.add_argument("--device", default="cpu", help="the encoder's device, for the server and the bare encoder "

@@ -53,7 +53,6 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
         on_batch=metrics.observe_batch,
         on_start=lambda: configure_threads(settings),
         workers=settings.batch_workers,
-        multiple_of=(settings.batch_multiple or cpu_batch_multiple(settings)) if one_forward else 1,
     )
     metrics.track_queue(batcher.depth)
     service = Service(
@@ -97,19 +96,6 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     app.include_router(page.build_router())
     _add_error_handlers(app)
     return app
-
-
-def cpu_batch_multiple(settings: Settings) -> int:
-    """How many images the CPU encoder runs side by side (one per onnxruntime thread); 1 on a GPU."""
-    from model.pipeline import resolve_device
-
-    if resolve_device(settings.device).type != "cpu":
-        return 1
-    if settings.torch_threads is not None:
-        return settings.torch_threads
-    import torch
-
-    return torch.get_num_threads()
 
 
 def configure_threads(settings: Settings) -> None:

@@ -17,11 +17,6 @@ one worker at a time runs `run_batch`, and a worker whose batch could not start 
 because another batch's forward holds the encoder, keeps gathering until it is free (past
 `max_wait_s`): under load a batch takes everything that arrived during the forward before it, while
 its search still overlaps the next forward. A lone request never waits: the encoder is free.
-
-With `multiple_of` = N (the CPU encoder's threads, each running one image), a two-stage batch that
-gathered more than N items but not a multiple of N leaves the remainder at the front of the queue
-for the next batch, when more requests are queued or announced: a batch of 7 on 2 cores would run
-its last image on one core while the other idles. Nothing is held back when nothing else is coming.
 """
 
 from __future__ import annotations
@@ -100,7 +95,6 @@ class MicroBatcher:
         name: str = "sbir-batcher",
         workers: int = 1,
         finish: Callable[[Hashable, Sequence[Any], Any], Sequence[Any]] | None = None,
-        multiple_of: int = 1,
     ):
         assert max_batch >= 1 and max_wait_s >= 0 and max_queue >= 1, "batch limits must be positive"
         assert workers >= 1, "at least one worker thread"
@@ -108,7 +102,6 @@ class MicroBatcher:
         self._finish = finish
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.multiple_of = max(1, multiple_of)
         # Unbounded, so that stop signals never block; `enqueue` enforces max_queue for items. One
         # condition wakes a gathering worker for both things it waits for: an item, a free encoder.
         self._queue: deque = deque()
@@ -257,22 +250,7 @@ class MicroBatcher:
                     break  # nobody else is on the way, or the wait is over
                 self._ready.wait(timeout)
             self._claim_encoder_locked()
-            self._hold_back_locked(batch)
         return batch, None, False
-
-    def _hold_back_locked(self, batch: list[_Item]) -> None:
-        """Two stages: put a batch's items beyond a multiple of `multiple_of` back at the front of the
-        queue, when more requests are queued or on their way."""
-        n = self.multiple_of
-        extra = len(batch) % n
-        if self._finish is None or n == 1 or len(batch) <= n or not extra:
-            return
-        if not self._queue and self._incoming <= 0:
-            return
-        for item in reversed(batch[-extra:]):
-            self._queue.appendleft(item)
-        del batch[-extra:]
-        self._ready.notify()
 
     def _claim_encoder(self) -> None:
         with self._ready:

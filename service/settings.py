@@ -54,14 +54,6 @@ class Settings(BaseSettings):
         "(larger batches under load, less CPU a request); overlapping: each worker starts its forward after "
         "max_wait_ms even while another runs (the behaviour before 2026-11-30; docs/SERVICE.md)",
     )
-    batch_multiple: int | None = Field(
-        None,
-        ge=1,
-        le=256,
-        description="with batch_forwards one: a batch that gathered more requests than this, but not a multiple "
-        "of it, leaves the rest at the front of the queue when more requests are coming (default: the CPU "
-        "encoder's threads, each of which runs one image; 1 on a GPU; 1 switches it off)",
-    )
     max_queue: int = Field(
         256,
         ge=1,
