@@ -47,6 +47,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "train on the feature cache's freehand redraws of the training sketches (`sbir features --freehand-views`)"),
     ("--silhouettes", "silhouettes", {"action": "store_const", "const": True},
      "train on the feature cache's silhouettes made from training photos (`sbir features --silhouette-views`)"),
+    ("--int8-swap", "int8_swap", {"type": float, "metavar": "SHARE"},
+     "read this share of each step's rows from their int8 twins (needs the int8 cache: --int8-features)"),
     ("--no-refit", "refit", {"action": "store_const", "const": False},
      "keep the selection-phase model (train classes only)"),
     ("--no-peer", "peer", {"action": "store_const", "const": False},
@@ -164,6 +166,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("dataset", type=Path)
     t.add_argument("--split", default="category_seed0", help="split name in DATASET/splits or a path")
     t.add_argument("--features", type=Path, help=f"default: DATASET/features/{DEFAULT_BACKBONE}")
+    t.add_argument("--int8-features", type=Path,
+                   help=f"the int8 twins read with --int8-swap (default: DATASET/features/{DEFAULT_BACKBONE}-int8)")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--granularity", choices=["category", "instance"], help="override the split's")
     for flag, field, kwargs, text in TRAIN_FLAGS:
@@ -321,8 +325,16 @@ def cmd_train(args) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     else:
+        twins = None
+        if cfg.int8_swap > 0:
+            from model.features import FeatureSet
+
+            path = args.int8_features or default_features_dir(args.dataset, DEFAULT_BACKBONE, "int8")
+            if not (path / "features.safetensors").is_file():
+                raise UserError(f"no int8 features in {path}: run `sbir features {args.dataset} --cpu-precision int8`")
+            twins = FeatureSet.load(path)
         try:
-            summary = train_all(fs, records, split, cfg, args.out)
+            summary = train_all(fs, records, split, cfg, args.out, int8_twins=twins)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     print(json.dumps(summary, indent=2))

@@ -102,6 +102,10 @@ class TrainConfig:
     rerank_top: int = DEFAULT_RERANK_TOP
     rerank_weight: float = DEFAULT_RERANK_WEIGHT
     rerank_raw_weight: float = DEFAULT_RERANK_RAW_WEIGHT
+    # int8-aware training: each step reads this share of its rows' features (and adapter outputs) from
+    # their int8 twins (the same render through the int8 backbone: `sbir train --int8-features`), so
+    # the learned maps see int8's error as one more variation; 0 trains on float32 only.
+    int8_swap: float = 0.0
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
     # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
     # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
@@ -127,6 +131,7 @@ class TrainData:
     split: Split
     data_sha256: str = ""
     counts: dict = field(default_factory=dict)
+    twin: torch.Tensor | None = None  # int8 twins of `feats`, row for row (TrainConfig.int8_swap)
 
 
 def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bool = False,
@@ -192,6 +197,27 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
     return td
 
 
+def aligned_twins(fs: FeatureSet, twins: FeatureSet | None) -> FeatureSet:
+    """`twins` (an int8 cache of the same plan) in `fs`'s row order; every row of `fs` must have one."""
+    if twins is None:
+        raise ValueError("int8_swap needs the int8 feature cache of the same rows: `sbir features DATASET "
+                         "--cpu-precision int8`, then `sbir train --int8-features DIR`")
+    plan, other = dict(fs.meta.get("plan", {})), dict(twins.meta.get("plan", {}))
+    if other.get("backbone", {}).get("precision") != "int8":
+        raise ValueError("the int8 twins must come from an int8 feature cache (its plan says another precision)")
+    for p in (plan, other):
+        p.pop("backbone", None)
+    if plan != other:
+        raise ValueError("the int8 cache was made with another plan (views, records or seed) than the features")
+    where = {j: i for i, j in enumerate(zip(twins.record.tolist(), twins.view.tolist(), strict=True))}
+    try:
+        rows = np.array([where[j] for j in zip(fs.record.tolist(), fs.view.tolist(), strict=True)], dtype=np.int64)
+    except KeyError as exc:
+        raise ValueError(f"the int8 cache lacks row (record, view) {exc.args[0]}: it skipped an image the "
+                         "float32 cache has") from None
+    return FeatureSet(twins.feats[rows], fs.record, fs.view, twins.meta)
+
+
 def _val_rows(td: TrainData) -> tuple[np.ndarray, np.ndarray]:
     q = np.flatnonzero((td.part == "val") & (td.domain == 0) & (td.view == 0))
     g = np.flatnonzero((td.part == "val") & (td.domain == 1) & (td.view == 0))
@@ -208,6 +234,24 @@ def val_map(td: TrainData, encode) -> float:
         ge = encode(td.feats[g], "photo")
     rep = evaluate_retrieval(np.asarray(qe), td.val_label[q], np.asarray(ge), td.val_label[g], ks=(), map_ks=())
     return rep.map_all
+
+
+def _reader(main: torch.Tensor, twin: torch.Tensor | None, share: float, seed: int):
+    """rows -> main[rows], a random `share` of them read from `twin` instead (its own generator, so
+    the other random draws of a training run do not move)."""
+    if twin is None or share <= 0:
+        return lambda rows: main[rows]
+    rng = np.random.default_rng([seed, 8])
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        x = main[rows]
+        swap = rng.random(len(rows)) < share
+        if swap.any():
+            x = x.clone()
+            x[torch.from_numpy(swap)] = twin[rows[swap]]
+        return x
+
+    return read
 
 
 def _state(module: nn.Module) -> dict:
@@ -246,6 +290,7 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: float | None = 
     params = list(adapter.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
     labels = torch.from_numpy(td.label)
+    read = _reader(td.feats, td.twin, cfg.int8_swap, cfg.seed)
     steps_per_epoch = max(1, (len(sk) + len(ph)) // (2 * cfg.adapter_batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_max_epochs * steps_per_epoch)
     # validated every `every` steps (once an epoch by default); positions are in epochs, fractions allowed
@@ -264,7 +309,7 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: float | None = 
         adapter.train()
         head.train()
         bs, bp = balanced_batch(rng, sk, ph, cfg.adapter_batch)
-        loss = class_loss(head, adapter, td.feats[bs], td.feats[bp], labels[bs], labels[bp], cfg.label_smoothing)
+        loss = class_loss(head, adapter, read(bs), read(bp), labels[bs], labels[bp], cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -317,20 +362,23 @@ class _Pairs:
         return s, p
 
 
-def adapted(td: TrainData, adapter: FeatureAdapter) -> torch.Tensor:
-    """Adapter outputs of every row, each with its own domain's standardisation."""
-    out = torch.empty(len(td.feats), adapter.cfg.output_dim)
+def adapted(td: TrainData, adapter: FeatureAdapter, feats: torch.Tensor | None = None) -> torch.Tensor:
+    """Adapter outputs of every row (of `feats` if given: td's twins), each with its own domain's
+    standardisation."""
+    feats = td.feats if feats is None else feats
+    out = torch.empty(len(feats), adapter.cfg.output_dim)
     adapter.eval()
     with torch.no_grad():
         for d, name in ((0, "sketch"), (1, "photo")):
             rows = np.flatnonzero(td.domain == d)
             if len(rows):
-                out[rows] = adapter(td.feats[rows], name)
+                out[rows] = adapter(feats[rows], name)
     return out
 
 
 def train_iiae(
-    td: TrainData, a: torch.Tensor, cfg: TrainConfig, log, stop_at: int | None = None
+    td: TrainData, a: torch.Tensor, cfg: TrainConfig, log, stop_at: int | None = None,
+    a_twin: torch.Tensor | None = None,
 ) -> tuple[IIAE, dict]:
     """Best step on validation mAP; with `stop_at`, exactly that many steps and no validation."""
     if not 0.0 <= cfg.iiae_ema < 1.0:
@@ -346,6 +394,7 @@ def train_iiae(
         if cfg.iiae_ema > 0 else None)
     served = ema.module if ema is not None else model
     pairs = _Pairs(td, rng, cfg.pair_by)
+    read = _reader(a, a_twin, cfg.int8_swap, cfg.seed + 1)
     n_train_sketch_rows = td.counts["train_sketch_rows"]
     steps_per_epoch = max(1, n_train_sketch_rows // max(1, len(pairs.classes)))
 
@@ -363,7 +412,7 @@ def train_iiae(
     for step in range(1, last + 1):
         model.train()
         s, p = pairs.sample()
-        loss, terms = model.loss(a[s], a[p], step)
+        loss, terms = model.loss(read(s), read(p), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -394,20 +443,22 @@ def train_iiae(
 
 
 def train_peer(
-    td: TrainData, a: torch.Tensor, cfg: TrainConfig, log, stop_at: int | None = None
+    td: TrainData, a: torch.Tensor, cfg: TrainConfig, log, stop_at: int | None = None,
+    a_twin: torch.Tensor | None = None,
 ) -> tuple[InfoNCEPeer, dict]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 2)
     peer = InfoNCEPeer(a.shape[1], cfg.latent_dim)
     opt = torch.optim.Adam(peer.parameters(), lr=1e-3, fused=True)
     pairs = _Pairs(td, rng, cfg.pair_by)
+    read = _reader(a, a_twin, cfg.int8_swap, cfg.seed + 2)
     adapted_td = TrainData(a, td.classes, td.label, td.instance, td.domain, td.view, td.part, td.val_label,
                            td.split)
     best = (-1.0, 0, _state(peer))
     last = stop_at or cfg.peer_max_steps
     for step in range(1, last + 1):
         s, p = pairs.sample()
-        logits = peer.encode(a[s], "sketch") @ peer.encode(a[p], "photo").t() / cfg.peer_temperature
+        logits = peer.encode(read(s), "sketch") @ peer.encode(read(p), "photo").t() / cfg.peer_temperature
         target = torch.arange(len(s))
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         opt.zero_grad(set_to_none=True)
@@ -436,12 +487,14 @@ def train_all(
     backbone_tensors: dict | None = None,
     extra_training: dict | None = None,
     progress: Callable[[dict], None] | None = None,
+    int8_twins: FeatureSet | None = None,
 ) -> dict:
     """Train adapter, IIAE (and the peer); save the checkpoint under out_dir/model. Returns a summary.
 
     `backbone_tensors`: fine-tuned backbone tensors (model.finetune) that produced `fs`, saved in the
     checkpoint; `extra_training`: more entries for the config's "training" record; `progress`: called
-    with every training-log entry as it is written (`sbir demo`'s progress bar).
+    with every training-log entry as it is written (`sbir demo`'s progress bar); `int8_twins`: the
+    int8 cache of the same rows, read with `cfg.int8_swap`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -457,28 +510,38 @@ def train_all(
 
     if cfg.rerank == "infonce" and not cfg.peer:
         raise ValueError("re-ranking with the InfoNCE peer needs the peer: drop --no-peer or choose --rerank")
+    twins = aligned_twins(fs, int8_twins) if cfg.int8_swap > 0 else None
+
+    def data(split_: Split) -> TrainData:
+        args = (records, split_, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand, cfg.silhouettes)
+        td_ = prepare(fs, *args)
+        if twins is not None:
+            td_.twin = prepare(twins, *args).feats
+        return td_
+
+    def encoded(td_: TrainData, adapter_: FeatureAdapter):
+        return adapted(td_, adapter_), (adapted(td_, adapter_, td_.twin) if td_.twin is not None else None)
+
     t0 = time.perf_counter()
-    td = prepare(fs, records, split, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand,
-                 cfg.silhouettes)
+    td = data(split)
     log({"stage": "data", **td.counts, "classes": len(td.classes), "val_classes": len(split.val)})
     adapter, a_info = train_adapter(td, cfg, log)
-    a = adapted(td, adapter)
-    iiae, i_info = train_iiae(td, a, cfg, log)
-    peer, p_info = train_peer(td, a, cfg, log) if cfg.peer else (None, {})
+    a, a_twin = encoded(td, adapter)
+    iiae, i_info = train_iiae(td, a, cfg, log, a_twin=a_twin)
+    peer, p_info = train_peer(td, a, cfg, log, a_twin=a_twin) if cfg.peer else (None, {})
     t_select = time.perf_counter() - t0
     if cfg.refit and split.val:
         # Settings are chosen; the validation classes now become training data too (as in the
         # papers' 100-class training), each stage run for exactly the epochs/steps selected above.
         split_used = Split(name=split.name, seed=split.seed, train=sorted(split.train + split.val), val=[],
                            unseen=split.unseen, granularity=split.granularity)
-        td = prepare(fs, records, split_used, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand,
-                     cfg.silhouettes)
+        td = data(split_used)
         log({"stage": "refit", **td.counts, "classes": len(td.classes)})
         adapter, _ = train_adapter(td, cfg, log, stop_at=a_info["selected_epoch"])
-        a = adapted(td, adapter)
-        iiae, _ = train_iiae(td, a, cfg, log, stop_at=i_info["selected_step"])
+        a, a_twin = encoded(td, adapter)
+        iiae, _ = train_iiae(td, a, cfg, log, stop_at=i_info["selected_step"], a_twin=a_twin)
         if cfg.peer:
-            peer, _ = train_peer(td, a, cfg, log, stop_at=p_info["selected_step"])
+            peer, _ = train_peer(td, a, cfg, log, stop_at=p_info["selected_step"], a_twin=a_twin)
     summary = {
         "adapter": {k: v for k, v in a_info.items() if k != "history"},
         "iiae": {k: v for k, v in i_info.items() if k != "history"},
@@ -506,6 +569,8 @@ def train_all(
             "granularity": split.granularity,
             "data_sha256": td.data_sha256,
             "features": fs.meta.get("plan", {}),
+            **({"int8_twins": {"plan_id": int8_twins.meta.get("plan_id"),
+                               "backbone": int8_twins.meta.get("plan", {}).get("backbone")}} if twins else {}),
             "counts": td.counts,
             "selected": {"adapter_epoch": a_info["selected_epoch"], "iiae_step": i_info["selected_step"]},
             "val_mAP": {"adapter": a_info["val_mAP"], "iiae": i_info["val_mAP"]},

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from model.data.dataset import Record, Split
 from model.defaults import DEFAULT_RERANK_TOP
@@ -278,3 +279,42 @@ def test_the_adapter_can_be_validated_within_an_epoch_and_refit_to_the_same_frac
     logged.clear()
     _, refit = train_adapter(td, quarter, logged.append, stop_at=0.5)
     assert [e["epoch"] for e in logged] == [0.25, 0.5] and refit["selected_epoch"] == 0.5
+
+
+def test_int8_swap_reads_twins_and_refuses_a_cache_that_does_not_match(tmp_path):
+    from model.train import _reader, aligned_twins
+
+    fs, records, split = synthetic(n_classes=20)
+    fs.meta["plan"] = dict(fs.meta["plan"], seed=0, sketch_views=2)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(fs.feats))  # an int8 cache lists the same rows in any order
+    twin_feats = (fs.feats + 0.05 * rng.normal(size=fs.feats.shape)).astype(np.float32)
+    int8_plan = dict(fs.meta["plan"], backbone=dict(fs.meta["plan"]["backbone"], precision="int8"))
+    twins = FeatureSet(twin_feats[order], fs.record[order], fs.view[order], {"plan": int8_plan, "plan_id": "t"})
+    aligned = aligned_twins(fs, twins)
+    np.testing.assert_array_equal(aligned.feats, twin_feats)
+    # a float32 cache, another plan, a missing row: refused
+    with pytest.raises(ValueError, match="int8 feature cache"):
+        aligned_twins(fs, FeatureSet(twin_feats, fs.record, fs.view, {"plan": fs.meta["plan"]}))
+    with pytest.raises(ValueError, match="another plan"):
+        aligned_twins(fs, FeatureSet(twin_feats, fs.record, fs.view, {"plan": dict(int8_plan, seed=1)}))
+    with pytest.raises(ValueError, match="lacks row"):
+        aligned_twins(fs, FeatureSet(twin_feats[1:], fs.record[1:], fs.view[1:], {"plan": int8_plan}))
+    with pytest.raises(ValueError, match="int8_swap needs"):
+        aligned_twins(fs, None)
+    # the reader: no share reads the main rows; a full share reads the twins; a half share mixes them
+    main, twin = torch.zeros(100, 3), torch.ones(100, 3)
+    rows = np.arange(100)
+    assert _reader(main, twin, 0.0, 0)(rows).sum() == 0
+    assert _reader(main, twin, 1.0, 0)(rows).sum() == 300
+    assert 30 < _reader(main, twin, 0.5, 0)(rows)[:, 0].sum() < 70
+    assert main.sum() == 0  # never written in place
+    cfg = TrainConfig(adapter_max_epochs=3, adapter_batch=32, iiae_max_steps=60, iiae_eval_every=30,
+                      peer_max_steps=60, adapter_dim=32, latent_dim=16, int8_swap=0.5)
+    summary = train_all(fs, records, split, cfg, tmp_path / "swap", int8_twins=twins)
+    config = json.loads((tmp_path / "swap" / "model" / "config.json").read_text())
+    assert config["training"]["config"]["int8_swap"] == 0.5
+    assert config["training"]["int8_twins"]["plan_id"] == "t"
+    assert summary["model_sha256"]
+    with pytest.raises(ValueError, match="int8_swap needs"):
+        train_all(fs, records, split, cfg, tmp_path / "none")
