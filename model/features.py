@@ -4,8 +4,9 @@ Every (record, view) pair is one row: view 0 is the image as it is, views 1..K a
 renders (`augment_sketch`, seeded per record and view), `FREEHAND_VIEW` + 1..K are freehand redraws
 of a sketch (`freehand_sketch`), `SILHOUETTE_VIEW` + 0..K-1 are filled-shape drawings made from a
 colour image (`silhouette_sketch`: as made, then random renders) and `EDGE_VIEW` is an edge map of a
-photo (the style-held-out check). Silhouettes and edge maps are drawings made from photo records. Rows are computed in chunks that are written atomically as they finish,
-so a killed run continues where it stopped. Unreadable files are skipped with their reason.
+photo (the style-held-out check). Silhouettes and edge maps are drawings made from photo records.
+Rows are computed in chunks that are written atomically as they finish, so a killed run continues
+where it stopped. Unreadable files are skipped with their reason.
 """
 
 from __future__ import annotations
@@ -91,15 +92,14 @@ class FeatureSet:
         return cls(t["feats"], t["record"], t["view"], meta)
 
 
-def drawn_from_photo(view: np.ndarray) -> np.ndarray:
-    """Which views are drawings made from a photo record (silhouettes, edge maps), normalised or not."""
-    v = np.asarray(view) % NORM_VIEW
-    return (v == EDGE_VIEW) | ((v >= SILHOUETTE_VIEW) & (v < SILHOUETTE_VIEW + 100))
-
-
 def is_silhouette(view: np.ndarray) -> np.ndarray:
     v = np.asarray(view) % NORM_VIEW
     return (v >= SILHOUETTE_VIEW) & (v < SILHOUETTE_VIEW + 100)
+
+
+def drawn_from_photo(view: np.ndarray) -> np.ndarray:
+    """Which views are drawings made from a photo record (silhouettes, edge maps), normalised or not."""
+    return (np.asarray(view) % NORM_VIEW == EDGE_VIEW) | is_silhouette(view)
 
 
 def is_freehand(view: np.ndarray) -> np.ndarray:

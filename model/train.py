@@ -147,7 +147,8 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
         fs = fs.for_sketches(records, stroke_norm)
     gran = split.granularity
     rec_label = np.array([r.label(gran) for r in records])
-    for wanted, has, flag in ((freehand, is_freehand, "--freehand-views"), (silhouettes, is_silhouette, "--silhouette-views")):
+    made = ((freehand, is_freehand, "--freehand-views"), (silhouettes, is_silhouette, "--silhouette-views"))
+    for wanted, has, flag in made:
         if wanted and not has(fs.view).any():
             raise ValueError(f"these features have no such rows: recompute them with `sbir features {flag} K`")
     rec_domain = np.array([0 if r.domain == "sketch" else 1 for r in records])
