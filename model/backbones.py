@@ -440,6 +440,9 @@ class Backbone(nn.Module):
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
         self.finetuned: dict | None = None  # {"tensors", "sha256", ...} when tuned tensors replaced some
+        # The order of a GPU forward's input, as create_backbone puts the net's weights: channels-last ran
+        # 1.4x contiguous under fp16 autocast on an H200 (benchmarks/gpu_check.py, docs/BENCHMARKS.md).
+        self.gpu_memory_format = torch.channels_last
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
@@ -479,7 +482,7 @@ class Backbone(nn.Module):
             batch = batch.float().div_(255.0)
         x = (batch - self._mean) / self._std
         if x.device.type != "cpu":
-            return self.net(x).float()
+            return self.net(x.contiguous(memory_format=self.gpu_memory_format)).float()
         # On the CPU, activations of a few images at a time stay in cache: measured 1.5x faster
         # than one pass over 32 (docs/BENCHMARKS.md). Results are identical.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -680,8 +683,8 @@ def create_backbone(
     if tuned:
         bb.finetuned = dict(tuned_info or {}) | {"tensors": len(tuned), "sha256": tensors_sha256(tuned)}
     bb = bb.to(device)
+    bb.net.to(memory_format=torch.channels_last)  # the faster order on the CPU and on the GPU
     if torch.device(device).type == "cpu":
-        bb.net.to(memory_format=torch.channels_last)
         bb.optimise_for_cpu()
         if precision == "int8" and bb.use_onnxruntime(required=explicit_int8, threads=cpu_threads, precision="int8"):
             pass

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,17 @@ FORMAT = "sbir-model/1"
 EMBEDDINGS = ("iiae", "adapter")
 
 
+def gpu_batch(n: int) -> int:
+    """The batch size a forward of `n` images runs at on a GPU: the next power of two.
+
+    cuDNN builds its execution plans per input shape, and on an H200 the first forward of each new
+    batch size took 1-2 s (benchmarks/gpu_check.py, docs/BENCHMARKS.md): a service whose batches come
+    in every size from 1 to max_batch stalled on each. Padding to a few sizes, each warmed at load
+    (`SBIRModel.warm_up`), bounds that to load time; the padded rows are zeros and are dropped.
+    """
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +78,9 @@ class SBIRModel:
         peer: InfoNCEPeer | None = None,
     ):
         self.device = resolve_device(device)
+        self._device_lock = threading.Lock()
+        self._device_thread: ThreadPoolExecutor | None = None  # GPU forwards run on it (_on_device_thread)
+        self._device_ident: int | None = None
         self.backbone = backbone.to(self.device) if backbone is not None else None
         self.adapter = adapter.to(self.device).eval()
         self.iiae = iiae.to(self.device).eval()
@@ -130,8 +147,51 @@ class SBIRModel:
         with self._autocast():
             return self.backbone(pixels).float()
 
+    @property
+    def pad_batches(self) -> bool:
+        """Whether forwards run at `gpu_batch` sizes (on a GPU; a CPU has no per-shape set-up)."""
+        return self.device.type == "cuda"
+
+    def warm_up(self, max_batch: int = 1) -> float:
+        """One forward of every batch size that batches of up to `max_batch` sketches run at (on a GPU
+        each `gpu_batch` size, on a CPU one image); returns the seconds it took."""
+        assert self.backbone is not None, "this model was loaded without its backbone"
+        one = self.preprocess(Image.new("RGB", (64, 64), "white"))
+        sizes = sorted({gpu_batch(n) for n in range(1, max(1, max_batch) + 1)}) if self.pad_batches else [1]
+        start = time.perf_counter()
+        for size in sizes:
+            self.encode_pixels(one.expand(size, *one.shape).contiguous(), "sketch")
+        seconds = time.perf_counter() - start
+        LOG.info("warmed up batch sizes %s on %s in %.1f s", sizes, self.device, seconds)
+        return seconds
+
     def encode_pixels(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
-        return self.encode_features(self.backbone_features(pixels), domain)
+        if not self.pad_batches:
+            return self.encode_features(self.backbone_features(pixels), domain)
+        return self._on_device_thread(self._encode_padded, pixels, domain)
+
+    def _encode_padded(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
+        n = pixels.shape[0]
+        if (padded := gpu_batch(n)) != n:  # the backbone and the heads at one of a few shapes
+            pixels = torch.cat([pixels, pixels.new_zeros((padded - n, *pixels.shape[1:]))])
+        return self.encode_features(self.backbone_features(pixels), domain)[:n]
+
+    def _on_device_thread(self, fn, *args):
+        """Run `fn` on this model's one GPU thread. PyTorch keeps cuDNN's execution plans per thread
+        (a thread-local cache), so plans built by `warm_up` on one thread are rebuilt, 1-2 s per batch
+        size, by every other thread that runs a forward: a service's batcher threads stalled on their
+        first batches although the model was warm (docs/BENCHMARKS.md). One thread keeps them warm."""
+        if threading.get_ident() == self._device_ident:
+            return fn(*args)
+        with self._device_lock:
+            if self._device_thread is None:
+                self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="sbir-gpu",
+                                                         initializer=self._remember_device_thread)
+            pool = self._device_thread
+        return pool.submit(fn, *args).result()
+
+    def _remember_device_thread(self) -> None:
+        self._device_ident = threading.get_ident()
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         assert self.backbone is not None, "this model was loaded without its backbone"

@@ -173,8 +173,9 @@ class ModelCache:
     """
 
     def __init__(self, device: str, cpu_runtime: str | None = None, cpu_threads: int | None = None,
-                 cpu_precision: str = "auto"):
+                 cpu_precision: str = "auto", max_batch: int = 1):
         self.device = device
+        self.max_batch = max_batch  # a loaded model runs every batch size up to it once (SBIRModel.warm_up)
         self.cpu_runtime = cpu_runtime
         self.cpu_threads = cpu_threads
         self.cpu_precision = cpu_precision
@@ -216,6 +217,7 @@ class ModelCache:
             )
         if precision is not None and model.precision != precision:
             raise UserError(f"the model in {model_dir} runs in {model.precision}, the snapshot needs {precision}")
+        model.warm_up(self.max_batch)
         with self._lock:
             self._models[key] = model
         return model
@@ -297,11 +299,12 @@ class ServingState:
         cpu_runtime: str | None = None,
         cpu_threads: int | None = None,
         cpu_precision: str = "auto",
+        max_batch: int = 1,
     ):
         self.root = Path(root)
         self.metrics = metrics
         self.reload_interval_s = reload_interval_s
-        self.models = ModelCache(device, cpu_runtime, cpu_threads, cpu_precision)
+        self.models = ModelCache(device, cpu_runtime, cpu_threads, cpu_precision, max_batch)
         self._snapshots = snapshots
         self.current: ServingPair | None = None
         self.last_reload_error: dict | None = None

@@ -76,3 +76,35 @@ def test_a_reranking_checkpoint_without_its_peer_is_refused(untrained_checkpoint
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(UserError, match="peer"):
         SBIRModel.load(bad, device="cpu", with_backbone=False)
+
+
+def test_gpu_batches_are_padded_to_a_few_shapes_and_run_on_one_thread(untrained_checkpoint, monkeypatch):
+    """On a GPU (simulated: `pad_batches` forced on the CPU) a batch runs padded to the next power of
+    two, answers exactly as unpadded, and every forward (warm-up included) runs on the model's one
+    device thread, where cuDNN's per-thread plans stay warm."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.pipeline import gpu_batch
+
+    assert [gpu_batch(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 8, 8, 16, 16, 32, 64]
+    model = SBIRModel.load(untrained_checkpoint, device="cpu")
+    pixels = torch.stack([model.preprocess_sketch(im) for im in _images()])
+    plain = model.encode_pixels(pixels, "sketch")
+    monkeypatch.setattr(SBIRModel, "pad_batches", property(lambda self: True))
+    seen, real = [], model.backbone_features
+
+    def recording(px):
+        seen.append((threading.get_ident(), threading.current_thread().name, px.shape[0]))
+        return real(px)
+
+    monkeypatch.setattr(model, "backbone_features", recording)
+    with ThreadPoolExecutor(3) as callers:
+        outs = list(callers.map(lambda _: model.encode_pixels(pixels, "sketch"), range(6)))
+    for out in outs:
+        np.testing.assert_allclose(out, plain, atol=1e-5)
+        assert out.shape == plain.shape
+    assert {n for _, _, n in seen} == {4}  # three sketches ran as four
+    model.warm_up(5)
+    assert [n for _, _, n in seen[6:]] == [1, 2, 4, 8]
+    assert len({ident for ident, _, _ in seen}) == 1 and seen[0][1].startswith("sbir-gpu")
