@@ -227,6 +227,8 @@ for _ in $(seq 60); do
 done
 echo "HEALTHCHECK: $(docker inspect -f '{{.State.Health.Status}}' sbir-ci-run)"
 [ "$(docker inspect -f '{{.State.Health.Status}}' sbir-ci-run)" = healthy ] || fail "not healthy"
+# deploy/k8s/deployment.yaml's preStop hook runs `sleep 5` in this container, as its user
+docker exec sbir-ci-run sleep 0 || fail "the image cannot run sleep: the Kubernetes preStop hook would fail"
 t=$(now)
 docker stop sbir-ci-run >/dev/null
 T[docker_stop]=$(since "$t")

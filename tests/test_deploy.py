@@ -173,6 +173,9 @@ def test_k8s_deployment_probes_and_gpu():
     assert pod["securityContext"]["runAsNonRoot"] is True
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SBIR_SNAPSHOT_ROOT"] == "/data/index"
+    # out of the endpoints before SIGTERM, and time left after it for uvicorn's 10 s drain
+    (sleep, seconds) = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == "sleep" and 0 < int(seconds) and pod["terminationGracePeriodSeconds"] >= int(seconds) + 10
     assert (
         deployment["spec"]["selector"]["matchLabels"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
