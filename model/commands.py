@@ -43,6 +43,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "do not train on the stroke-normalised twins of the sketches (queries are as drawn either way)"),
     ("--no-extra-styles", "extra_styles", {"action": "store_const", "const": False},
      "train on the core sketches only, not on the dataset's extra style sets (they still validate)"),
+    ("--leave-out-style", "skip_styles", {"action": "append", "metavar": "KEY"},
+     "keep this style set (a manifest style_set, e.g. tabler) out of training; it still validates (repeatable)"),
     ("--freehand", "freehand", {"action": "store_const", "const": True},
      "train on the feature cache's freehand redraws of the training sketches (`sbir features --freehand-views`)"),
     ("--silhouettes", "silhouettes", {"action": "store_const", "const": True},
@@ -99,7 +101,8 @@ def _add_config_flag(parser, flag: str, dest: str, kwargs: dict, text: str) -> N
 
 
 def _given(args: argparse.Namespace, flags, prefix: str = "") -> dict:
-    return {field: v for _, field, _, _ in flags if (v := getattr(args, prefix + field)) is not None}
+    given = {field: v for _, field, _, _ in flags if (v := getattr(args, prefix + field)) is not None}
+    return {field: tuple(v) if isinstance(v, list) else v for field, v in given.items()}  # repeatable flags
 
 
 def train_config(args: argparse.Namespace):

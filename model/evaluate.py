@@ -57,8 +57,9 @@ def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[st
         return own
     split = Split.from_json(training.get("trained_on", training["split"]))
     extra = training.get("config", {}).get("extra_styles", True)
+    skip = tuple(training.get("config", {}).get("skip_styles", ()))
     try:
-        td = prepare(fs_raw, records, split, stroke_norm=False, extra_styles=extra)
+        td = prepare(fs_raw, records, split, stroke_norm=False, extra_styles=extra, skip_styles=skip)
     except ValueError:  # a fine-tuned run's cache: no raw sketch rows to measure
         return own
     out = {}

@@ -342,7 +342,7 @@ def finetune_and_train(
         # the model's sketch family only, its views as cached (stem_maps renders each row's view)
         keep = fs.family(records, cfg.stroke_norm)
         fs = FeatureSet(fs.feats[keep], fs.record[keep], fs.view[keep], fs.meta)
-        td = prepare(fs, list(records), split, cfg.stroke_norm, cfg.extra_styles)
+        td = prepare(fs, list(records), split, cfg.stroke_norm, cfg.extra_styles, skip_styles=cfg.skip_styles)
         maps = stem_maps(dataset, records, fs.record, fs.view, backbone, stem, seed=int(plan.get("seed", 0)),
                          device=device, workers=workers, progress=progress)
         t_maps = time.perf_counter() - t0

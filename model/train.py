@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,6 +83,9 @@ class TrainConfig:
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
     # Tabler icons); False keeps them out of training but still validates on their seen classes.
     extra_styles: bool = True
+    # Style sets (manifest `style_set` keys) kept out of training although extra_styles is on: they
+    # still validate, so one can stand in for a style never trained on.
+    skip_styles: tuple[str, ...] = ()
     # Train on the feature cache's made drawing styles (`sbir features --freehand-views/--silhouette-views`:
     # freehand redraws of the training sketches, silhouettes made from the training photos); False leaves
     # those rows out. True needs them in the cache.
@@ -136,9 +139,10 @@ class TrainData:
 
 def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bool = False,
             extra_styles: bool = True, norm_augment: bool = False, freehand: bool = False,
-            silhouettes: bool = False) -> TrainData:
+            silhouettes: bool = False, skip_styles: Sequence[str] = ()) -> TrainData:
     """Training and validation rows of `split`. Held-out records (`Record.heldout`) and edge maps
-    are never part of either; without `extra_styles`, style-set records only validate; freehand and
+    are never part of either; without `extra_styles`, style-set records only validate (those of
+    `skip_styles` only validate either way); freehand and
     silhouette rows train with `freehand` / `silhouettes` (silhouettes are sketch rows made from a
     photo record) and are never validation queries. With
     `norm_augment` the normalised sketch rows stay beside the drawn ones (as views NORM_VIEW + v:
@@ -170,9 +174,13 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
     part[(made_sil | made_free) & (part == "val")] = ""
     # held-out drawing styles: evaluation only, whatever their class
     part[np.array([r.heldout for r in records])[fs.record]] = ""
-    if not extra_styles:
-        styled = np.array([bool(r.style_set) for r in records])[fs.record]
-        part[styled & (part == "train")] = ""
+    if not extra_styles or skip_styles:
+        unknown = set(skip_styles) - {r.style_set for r in records}
+        if unknown:
+            raise ValueError(f"no style set {sorted(unknown)} in this dataset")
+        left_out = np.array([bool(r.style_set) and (not extra_styles or r.style_set in skip_styles)
+                             for r in records])[fs.record]
+        part[left_out & (part == "train")] = ""
     h = hashlib.sha256()
     train_rec = sorted({int(i) for i in fs.record[part == "train"]})
     for i in train_rec:
@@ -514,7 +522,8 @@ def train_all(
     twins = aligned_twins(fs, int8_twins) if cfg.int8_swap > 0 else None
 
     def data(split_: Split) -> TrainData:
-        args = (records, split_, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand, cfg.silhouettes)
+        args = (records, split_, cfg.stroke_norm, cfg.extra_styles, cfg.norm_augment, cfg.freehand, cfg.silhouettes,
+                cfg.skip_styles)
         td_ = prepare(fs, *args)
         if twins is not None:
             td_.twin = prepare(twins, *args).feats

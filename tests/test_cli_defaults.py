@@ -33,6 +33,8 @@ def test_train_without_flags_is_the_dataclasses_defaults(tmp_path):
 def _other_value(flag: str, kwargs: dict, default):
     if "const" in kwargs:
         return [], kwargs["const"]
+    if kwargs.get("action") == "append":  # a repeatable flag: its values, in order
+        return ["tabler"], ("tabler",)
     if "choices" in kwargs:
         value = next(c for c in kwargs["choices"] if c != default)
         return [value], value

@@ -416,6 +416,7 @@ def test_style_packages_are_pinned():
     specs = {p.spec for p in em.STYLE_PACKAGES}
     assert specs == {
         "@iconify-json/tabler@1.2.41",
+        "@iconify-json/fluent-emoji-high-contrast@1.2.6",
         "@iconify-json/lucide@1.2.137",
         "@iconify-json/emojione-monotone@1.2.1",
         "@iconify-json/streamline-ultimate@1.2.2",

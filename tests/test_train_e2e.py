@@ -318,3 +318,22 @@ def test_int8_swap_reads_twins_and_refuses_a_cache_that_does_not_match(tmp_path)
     assert summary["model_sha256"]
     with pytest.raises(ValueError, match="int8_swap needs"):
         train_all(fs, records, split, cfg, tmp_path / "none")
+
+
+def test_a_style_set_left_out_only_validates():
+    """`skip_styles` (`sbir train --leave-out-style KEY`) keeps that set's rows out of training, as
+    `extra_styles=False` does for every set, and they still validate; an unknown key is refused."""
+    from model.train import prepare
+
+    fs, records, split = synthetic(n_classes=20)
+    rows = fs.for_sketches(records, False).record  # the rows prepare keeps by default, in order
+    styled = np.array([r.style_set == "tabler" for r in records])[rows]
+    trained = prepare(fs, records, split)
+    left_out = prepare(fs, records, split, skip_styles=("tabler",))
+    none = prepare(fs, records, split, extra_styles=False)
+    assert (trained.part[styled] == "train").any()
+    assert not (left_out.part[styled] == "train").any() and not (none.part[styled] == "train").any()
+    assert (left_out.part[styled] == "val").any()
+    np.testing.assert_array_equal(left_out.part[~styled], trained.part[~styled])
+    with pytest.raises(ValueError, match="no style set"):
+        prepare(fs, records, split, skip_styles=("nope",))

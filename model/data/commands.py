@@ -20,8 +20,9 @@ reuses finished renders. Categories are OpenMoji subgroups, instances the emoji'
 manifest.csv, splits/category_seed<N>.json, build_report.json (counts, render failures) and
 ATTRIBUTION.md (artists and licences: cite them when you use the data).
 
-Five more pinned packages add drawing styles (--no-styles leaves them out): Tabler's outline icons,
-joined to the emoji whose CLDR short name they carry, which training may use; and three sets held
+Six more pinned packages add drawing styles (--no-styles leaves them out): two which training may
+use, each joined to the emoji whose CLDR short name its icons carry: Tabler's outline icons and
+Microsoft's high-contrast Fluent Emoji (bold monochrome: filled shapes, thick outlines); and three sets held
 out from training and from every choice, for `sbir eval` only (marked heldout=1 in the manifest):
 Lucide's thin outline icons (joined the same way), EmojiOne's monochrome silhouettes, and
 Streamline's line icons against their own colour versions.

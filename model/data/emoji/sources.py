@@ -83,6 +83,13 @@ STYLE_SETS: tuple[StyleSet, ...] = (
         "uniform-stroke outline icons",
     ),
     StyleSet(
+        "fluent-hc",
+        NpmPackage("fluent-hc", "@iconify-json/fluent-emoji-high-contrast", "1.2.6",
+                   "sha512-esqhZPpkrF7sNX3NsLoh8KW64okEr/bzko7WNnFP+qTJGAqDPDYjp0925yxuivXy3HtVQB8xhIKu3+Nq1byX5w=="),
+        "train", "name", "Fluent Emoji (high contrast)", "Microsoft Corporation", "MIT",
+        "https://github.com/microsoft/fluentui-emoji", "bold monochrome emoji: filled shapes and thick outlines",
+    ),
+    StyleSet(
         "lucide",
         NpmPackage("lucide", "@iconify-json/lucide", "1.2.137",
                    "sha512-uKz1+tFbv1RFX/mJQNksdnyKJijNfRGSNnxfiyKtr+dLNfA3ERph+IgpXClKGOlV/5GsZwLv2jgJXQ/bjF/JAg=="),
