@@ -100,6 +100,18 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
     return model, enc
 
 
+def _twin_rows(fs: FeatureSet, fs_model: FeatureSet, records: list[Record]) -> tuple[torch.Tensor, np.ndarray]:
+    """For a model that encodes each query with its stroke-normalised twin: the normalised family's
+    features and, for every row of `fs_model`, the row of its twin (-1 for photos, which have none)."""
+    try:
+        fs_norm = fs.for_sketches(records, True)
+    except ValueError as exc:
+        raise ValueError(f"this model encodes queries with their stroke-normalised twins, and {exc}") from None
+    where = {(int(r), int(v)): i for i, (r, v) in enumerate(zip(fs_norm.record, fs_norm.view, strict=True))}
+    rows = np.array([where.get((int(r), int(v)), -1) for r, v in zip(fs_model.record, fs_model.view, strict=True)])
+    return torch.from_numpy(fs_norm.feats).float(), rows
+
+
 def _served_scores(qe: np.ndarray, ge: np.ndarray, model):
     """Scores of queries in a slice against the gallery whose order is the service's: IIAE's
     candidates re-ranked by the model's second stage (model.rerank)."""
@@ -199,12 +211,14 @@ def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: 
         if set(split.val) & set(trained_on.train) or not split.val:
             raise ValueError(f"{run}: this model was trained on its validation classes (or has none): "
                              "evaluating on them needs a model trained with --no-refit")
+    twin_of = _twin_rows(fs, fs_model, records) if model.query_twin else None
     family = {}
     for name, f in (("raw", fs_raw), ("model", fs_model)):
         family[name] = (f, torch.from_numpy(f.feats).float(),
                         _task_rows(f, records, split, generalised, seed=split.seed or 0, on=on))
     results: dict = {"run": str(run), "split": split.name, "tasks": {}, "classes": on,
-                     "backbone": "fine-tuned" if tuned else "frozen", "stroke_norm": model.stroke_norm}
+                     "backbone": "fine-tuned" if tuned else "frozen", "stroke_norm": model.stroke_norm,
+                     "query_twin": model.query_twin}
     embeddings: dict = {}
     for task in family["model"][2]:
         results["tasks"][task] = {}
@@ -216,6 +230,13 @@ def evaluate_run(run: Path, records: list[Record], fs: FeatureSet, generalised: 
             with torch.no_grad():
                 qe = np.asarray(fn(feats[q], "sketch"))
                 ge = np.asarray(fn(feats[g], "photo"))
+                if method == "served" and twin_of is not None:  # as the service encodes a query
+                    twin_feats, twin_rows = twin_of
+                    if (twin_rows[q] < 0).any():
+                        raise ValueError(f"{task}: {(twin_rows[q] < 0).sum()} queries have no stroke-normalised twin "
+                                         "in the features; recompute them with `sbir features`")
+                    qt = np.asarray(fn(twin_feats[twin_rows[q]], "sketch"))
+                    qe = model.merge_views(np.stack([qe, qt], axis=1))
             if method == "served" and model.rerank is not None:
                 rep = evaluate_scored(_served_scores(qe, ge, model), ql, gl, **metric_kw)
                 qe, ge = qe[:, : model.search_dim], ge[:, : model.search_dim]  # figures: the first stage

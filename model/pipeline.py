@@ -36,7 +36,7 @@ from model.iiae import IIAE, IIAEConfig
 from model.images import load_image
 from model.peer import InfoNCEPeer
 from model.quantize import requested_precision
-from model.rerank import RerankConfig
+from model.rerank import RerankConfig, unit_parts
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 from model.stroke_norm import normalise_strokes
 from model.tuned_tensors import PREFIX, tensors_sha256
@@ -157,7 +157,9 @@ class SBIRModel:
         each `gpu_batch` size, on a CPU one image); returns the seconds it took."""
         assert self.backbone is not None, "this model was loaded without its backbone"
         one = self.preprocess(Image.new("RGB", (64, 64), "white"))
-        sizes = sorted({gpu_batch(n) for n in range(1, max(1, max_batch) + 1)}) if self.pad_batches else [1]
+        views = self.sketch_views
+        sizes = (sorted({gpu_batch(n * views) for n in range(1, max(1, max_batch) + 1)}) if self.pad_batches
+                 else [views])
         start = time.perf_counter()
         for size in sizes:
             self.encode_pixels(one.expand(size, *one.shape).contiguous(), "sketch")
@@ -166,9 +168,24 @@ class SBIRModel:
         return seconds
 
     def encode_pixels(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
+        """uint8 (B,3,S,S) -> rows (B, dim); or (B,V,3,S,S), V views of each query from
+        `preprocess_sketch`, -> (B, dim): the V views run as one batch and `merge_views` joins them."""
+        if pixels.ndim == 5:
+            n, views = pixels.shape[:2]
+            rows = self.encode_pixels(pixels.reshape(n * views, *pixels.shape[2:]), domain)
+            return self.merge_views(rows.reshape(n, views, -1))
         if not self.pad_batches:
             return self.encode_features(self.backbone_features(pixels), domain)
         return self._on_device_thread(self._encode_padded, pixels, domain)
+
+    def merge_views(self, rows: np.ndarray) -> np.ndarray:
+        """(n, V, dim) rows of V views of each query -> (n, dim): each part of the row (zs, and v and r
+        where the model re-ranks) the direction of the sum of the views' unit vectors."""
+        rows = np.asarray(rows, np.float32)
+        summed = rows.sum(axis=1)
+        parts = unit_parts(summed, self.search_dim, self.rerank if self.embedding == "iiae" else None)
+        out = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in parts]
+        return np.ascontiguousarray(np.concatenate(out, axis=1), dtype=np.float32)
 
     def _encode_padded(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
         n = pixels.shape[0]
@@ -202,8 +219,22 @@ class SBIRModel:
         """Whether sketches pass through model.stroke_norm first (as they did in training)."""
         return bool(self.config.get("sketch_preprocessing", {}).get("stroke_norm", False))
 
+    @property
+    def query_twin(self) -> bool:
+        """Whether a query is encoded twice, as drawn and stroke-normalised (training read both kinds
+        of sketch rows), the two joined by `merge_views` (docs/MODEL.md, "The query's twin")."""
+        return bool(self.config.get("sketch_preprocessing", {}).get("query_twin", False)) and not self.stroke_norm
+
+    @property
+    def sketch_views(self) -> int:
+        """How many images one query sketch becomes (`preprocess_sketch`'s first dimension when > 1)."""
+        return 2 if self.query_twin else 1
+
     def preprocess_sketch(self, img: Image.Image) -> torch.Tensor:
-        """A sketch's input: exactly the preprocessing its training rows had."""
+        """A sketch's input: exactly the preprocessing its training rows had. (3,S,S), or with the
+        query's twin (2,3,S,S): the sketch as drawn, then stroke-normalised."""
+        if self.query_twin:
+            return torch.stack([self.preprocess(img), self.preprocess(normalise_strokes(img))])
         return self.preprocess(normalise_strokes(img) if self.stroke_norm else img)
 
     def encode_images(self, images: Sequence[Image.Image], domain: str, batch_size: int = 32) -> np.ndarray:
@@ -272,7 +303,8 @@ class SBIRModel:
         if config.get("format") != FORMAT:
             raise UserError(f"{ckpt_dir}: unsupported checkpoint format {config.get('format')!r}")
         sketch_prep = config.get("sketch_preprocessing", {})
-        if sketch_prep.get("stroke_norm") and sketch_prep.get("stroke_norm_version") != STROKE_NORM_VERSION:
+        if ((sketch_prep.get("stroke_norm") or sketch_prep.get("query_twin"))
+                and sketch_prep.get("stroke_norm_version") != STROKE_NORM_VERSION):
             raise UserError(
                 f"{ckpt_dir} was trained with stroke normalisation version {sketch_prep.get('stroke_norm_version')}, "
                 f"this code has version {STROKE_NORM_VERSION}: its queries would not look like its training "
@@ -335,6 +367,7 @@ class SBIRModel:
             "dim": self.dim,
             "search_dim": self.search_dim,
             "rerank": self.rerank.to_dict() if self.rerank is not None else None,
+            "sketch_views": self.sketch_views,  # images a query sketch becomes (2: with its normalised twin)
             "backbone": self.config.get("backbone"),
             "device": str(self.device),
             "runtime": self.backbone.runtime() if self.backbone is not None else None,

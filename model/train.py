@@ -80,6 +80,10 @@ class TrainConfig:
     # in training (norm_augment). stroke_norm=True normalises every sketch, training and queries.
     stroke_norm: bool = False
     norm_augment: bool = True
+    # With norm_augment: encode a query as drawn and as its stroke-normalised twin, each part of the
+    # row the mean direction of the two (SBIRModel.merge_views; two forwards a query). Chosen on
+    # validation classes over three training seeds (docs/BENCHMARKS.md, "The query's twin").
+    query_twin: bool = True
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
     # Tabler icons); False keeps them out of training but still validates on their seen classes.
     extra_styles: bool = True
@@ -571,7 +575,10 @@ def train_all(
     config = {
         "embedding": cfg.embedding,
         "rerank": rerank,
-        "sketch_preprocessing": {"stroke_norm": cfg.stroke_norm, "stroke_norm_version": STROKE_NORM_VERSION},
+        "sketch_preprocessing": {"stroke_norm": cfg.stroke_norm, "stroke_norm_version": STROKE_NORM_VERSION,
+                                 # only where training read the normalised twins beside the drawn sketches
+                                 "query_twin": bool(cfg.query_twin and cfg.norm_augment and not cfg.stroke_norm
+                                                    and ((td.view >= NORM_VIEW) & (td.part == "train")).any())},
         "training": {
             "config": cfg.to_dict(),
             "split": split.to_dict(),

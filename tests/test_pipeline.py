@@ -108,3 +108,56 @@ def test_gpu_batches_are_padded_to_a_few_shapes_and_run_on_one_thread(untrained_
     model.warm_up(5)
     assert [n for _, _, n in seen[6:]] == [1, 2, 4, 8]
     assert len({ident for ident, _, _ in seen}) == 1 and seen[0][1].startswith("sbir-gpu")
+
+
+def _twin_checkpoint(untrained_checkpoint, tmp_path, version=None):
+    import shutil
+
+    from model.stroke_norm import VERSION
+
+    path = tmp_path / "twin"
+    shutil.copytree(untrained_checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sketch_preprocessing"] = {"stroke_norm": False, "query_twin": True,
+                                   "stroke_norm_version": VERSION if version is None else version}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_a_query_is_encoded_with_its_stroke_normalised_twin(untrained_checkpoint, tmp_path, monkeypatch):
+    """With `query_twin` a sketch becomes two images (as drawn, then normalised) that run in one batch,
+    and each part of its row is the mean direction of the two views' unit parts."""
+    from model.stroke_norm import normalise_strokes
+
+    model = SBIRModel.load(_twin_checkpoint(untrained_checkpoint, tmp_path), device="cpu")
+    plain = SBIRModel.load(untrained_checkpoint, device="cpu")
+    assert model.query_twin and model.sketch_views == 2 and not plain.query_twin and plain.sketch_views == 1
+    images = _images()
+    pixels = model.preprocess_sketch(images[0])
+    assert pixels.shape[0] == 2 and torch.equal(pixels[0], plain.preprocess_sketch(images[0]))
+    assert torch.equal(pixels[1], plain.preprocess(normalise_strokes(images[0])))
+    drawn = plain.encode_sketches(images)
+    normalised = plain.encode_sketches([normalise_strokes(im) for im in images])
+    got = model.encode_sketches(images)
+    assert got.shape == drawn.shape
+    d = model.search_dim
+    for a, b in ((0, d), (d, d + model.rerank.dim), (d + model.rerank.dim, model.dim)):
+        want = drawn[:, a:b] + normalised[:, a:b]
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(got[:, a:b], want, atol=1e-5)
+    # the service's path: a batch of (n, 2, 3, S, S) from preprocess_sketch, one forward of 2n images
+    seen, real = [], model.backbone_features
+    monkeypatch.setattr(model, "backbone_features", lambda px: seen.append(px.shape[0]) or real(px))
+    batch = torch.stack([model.preprocess_sketch(im) for im in images])
+    np.testing.assert_allclose(model.encode_pixels(batch, "sketch"), got, atol=1e-5)
+    assert seen == [6]
+    # on a GPU every padded size of up to max_batch twins is warmed
+    monkeypatch.setattr(SBIRModel, "pad_batches", property(lambda self: True))
+    seen.clear()
+    model.warm_up(3)
+    assert seen == [2, 4, 8]
+
+
+def test_a_twin_checkpoint_of_another_stroke_normaliser_is_refused(untrained_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="stroke normalisation version"):
+        SBIRModel.load(_twin_checkpoint(untrained_checkpoint, tmp_path, version=-1), device="cpu")

@@ -214,3 +214,33 @@ def test_a_closed_pair_refuses_both_stages():
         pair.encode(payloads)
     with pytest.raises(NotReady):
         pair.search_encoded(payloads, encoded)
+
+
+def test_a_twin_model_serves_each_sketch_as_two_images_in_one_forward(untrained_checkpoint, tmp_path):
+    """A model that encodes each query with its stroke-normalised twin: the request's payload is both
+    images, a batch of n requests is one forward of 2n images, and the vectors are the model's own."""
+    import json
+    import shutil
+
+    from PIL import Image, ImageDraw
+
+    from model.pipeline import SBIRModel
+    from model.stroke_norm import VERSION
+
+    path = tmp_path / "twin"
+    shutil.copytree(untrained_checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sketch_preprocessing"] = {"stroke_norm": False, "query_twin": True, "stroke_norm_version": VERSION}
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = SBIRModel.load(path, device="cpu")
+    sketches = []
+    for i in range(3):
+        img = Image.new("RGB", (100, 100), "white")
+        ImageDraw.Draw(img).ellipse([10 + 5 * i, 10, 90, 80 - 5 * i], outline="black", width=2)
+        sketches.append(img)
+    forwards, real = [], model.backbone_features
+    model.backbone_features = lambda px: forwards.append(px.shape[0]) or real(px)
+    pair = ServingPair(FakeSnapshot(), model)
+    encoded = pair.encode([(model.preprocess_sketch(im), 5) for im in sketches])
+    assert forwards == [6] and encoded.vectors.shape == (3, model.dim)
+    np.testing.assert_allclose(encoded.vectors, model.encode_sketches(sketches), atol=1e-5)

@@ -73,6 +73,8 @@ def test_training_writes_checkpoint_log_and_selects_on_validation(trained):
     assert cfg["training"]["split"]["unseen"] == split.unseen
     assert len(cfg["training"]["data_sha256"]) == 64
     assert cfg["iiae"]["lam"] == 1.0 and cfg["iiae"]["beta"] == 0.5
+    # training read the normalised twins beside the drawn sketches: queries are encoded with theirs
+    assert cfg["sketch_preprocessing"]["query_twin"] is True and cfg["sketch_preprocessing"]["stroke_norm"] is False
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     iiae_epochs = [e for e in log if e["stage"] == "iiae" and "kl_zs_rx" in e]
     assert iiae_epochs and {"rec_x", "rec_y", "kl_zx", "kl_zy", "kl_zs", "kl_zs_ry"} <= set(iiae_epochs[0])
@@ -337,3 +339,59 @@ def test_a_style_set_left_out_only_validates():
     np.testing.assert_array_equal(left_out.part[~styled], trained.part[~styled])
     with pytest.raises(ValueError, match="no style set"):
         prepare(fs, records, split, skip_styles=("nope",))
+
+
+def test_the_served_ranking_encodes_each_query_with_its_normalised_twin(trained, tmp_path):
+    """`sbir eval`'s served method joins each query's drawn and normalised rows as the service does
+    (SBIRModel.merge_views); a model trained without the twins, or told not to, encodes queries once."""
+    import shutil
+
+    from model.evaluate import _task_rows, evaluate_run
+    from model.metrics import evaluate_scored
+    from model.pipeline import SBIRModel
+    from model.rerank import rerank_matrix, second_scores, split_rows
+
+    fs, records, split, out, _ = trained
+    model = SBIRModel.load(out / "model", device="cpu", with_backbone=False)
+    assert model.query_twin and model.sketch_views == 1 + 1
+    drawn, norm = fs.for_sketches(records, False), fs.for_sketches(records, True)
+    q, g, ql, gl = _task_rows(drawn, records, split, False, seed=0)["instance"]
+    twin = {(r, v): i for i, (r, v) in enumerate(zip(norm.record.tolist(), norm.view.tolist(), strict=True))}
+    qn = [twin[(drawn.record[i], drawn.view[i])] for i in q]
+    qe = model.merge_views(np.stack([model.encode_features(drawn.feats[q], "sketch"),
+                                     model.encode_features(norm.feats[qn], "sketch")], axis=1))
+    for part in (qe[:, :16], qe[:, 16:32], qe[:, 32:]):
+        np.testing.assert_allclose(np.linalg.norm(part, axis=1), 1, atol=1e-5)
+    ge = model.encode_features(drawn.feats[g], "photo")
+    (q1, q2), (g1, g2) = split_rows(qe, 16), split_rows(ge, 16)
+    want = evaluate_scored(lambda sl: rerank_matrix(q1[sl] @ g1.T, second_scores(q2[sl], g2, model.rerank),
+                                                    model.rerank), ql, gl)
+    got = evaluate_run(out, records, fs)
+    assert got["query_twin"] is True
+    assert got["tasks"]["instance"]["served"]["mAP@all"] == pytest.approx(want.map_all, abs=6e-5)  # reports keep four decimals
+
+    once = tmp_path / "once"
+    shutil.copytree(out, once)
+    cfg = json.loads((once / "model" / "config.json").read_text())
+    cfg["sketch_preprocessing"]["query_twin"] = False
+    (once / "model" / "config.json").write_text(json.dumps(cfg))
+    plain = evaluate_run(once, records, fs)
+    assert plain["query_twin"] is False
+    assert plain["tasks"]["instance"]["served"]["mAP@all"] != pytest.approx(want.map_all, abs=6e-5)
+
+    # the features must hold the twins of the queries
+    drawn_only = FeatureSet(fs.feats[fs.view < NORM_VIEW], fs.record[fs.view < NORM_VIEW],
+                            fs.view[fs.view < NORM_VIEW], fs.meta)
+    with pytest.raises(ValueError, match="stroke-normalised twins"):
+        evaluate_run(out, records, drawn_only)
+
+
+def test_without_the_normalised_twins_in_training_queries_are_encoded_once(tmp_path):
+    fs, records, split = synthetic(n_classes=20)
+    small = dict(adapter_max_epochs=2, iiae_max_steps=20, iiae_eval_every=10, peer=False, rerank="none",
+                 adapter_dim=32, latent_dim=16)
+    for name, cfg in (("no-augment", TrainConfig(norm_augment=False, **small)),
+                      ("no-twin", TrainConfig(query_twin=False, **small))):
+        train_all(fs, records, split, cfg, tmp_path / name)
+        saved = json.loads((tmp_path / name / "model" / "config.json").read_text())
+        assert saved["sketch_preprocessing"]["query_twin"] is False, name
