@@ -270,7 +270,8 @@ def main() -> int:
     s = report.get("service", {})
     if "service_rps" in s:
         rows += [("service, 16 clients", f"{s['service_rps']} requests/s",
-                  f"ratio {s['throughput_ratio']} to the bare encoder ({s['bare_images_per_s']} images/s, batch 64)"),
+                  f"ratio {s['throughput_ratio']} to the bare encoder ({s['bare_images_per_s']} images/s, batch 64, "
+                  f"{s.get('images_per_query', 1)} images a query)"),
                  ("service, 1 client", f"p50 {s['single_client_latency_ms']['p50']} ms",
                   f"p99 {s['single_client_latency_ms']['p99']} ms")]
     t = report.get("torch_search", {})
