@@ -66,12 +66,15 @@ def centre_lines(ink: np.ndarray) -> np.ndarray:
         return ink
     # The drawing's own line width: twice the median distance to the paper along the centre lines.
     depth = ndimage.distance_transform_edt(ink)
-    half_width = float(np.median(depth[skeletonize(ink)]))
+    skeleton = skeletonize(ink)
+    half_width = float(np.median(depth[skeleton]))
     radius = min(MAX_FILL_RADIUS, max(MIN_FILL_RADIUS, FILL_FACTOR * half_width + 1))
     # Filled areas: the opening of the ink by a disk of `radius` (the union of every such disk that
     # fits in the ink), computed with distance transforms instead of a large structuring element.
     centres = depth >= radius
-    filled = ndimage.distance_transform_edt(~centres) <= radius if centres.any() else np.zeros_like(ink)
+    if not centres.any():  # no filled area (most drawings): the lines are the skeleton made above
+        return skeleton
+    filled = ndimage.distance_transform_edt(~centres) <= radius
     outline = filled & ~ndimage.binary_erosion(filled, structure=disk(1))
     lines = skeletonize(ink & ~ndimage.binary_dilation(filled, structure=disk(1)))
     return lines | outline
