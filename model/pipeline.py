@@ -68,6 +68,8 @@ class SBIRModel:
     """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) rows: unit
     vectors of `search_dim`, or `[zs | v | r]` (unit parts) where the model re-ranks (`rerank`)."""
 
+    _single_view = False  # `single_view()`: sketches as drawn only, whatever the checkpoint says
+
     def __init__(
         self,
         backbone: Backbone | None,
@@ -223,7 +225,13 @@ class SBIRModel:
     def query_twin(self) -> bool:
         """Whether a query is encoded twice, as drawn and stroke-normalised (training read both kinds
         of sketch rows), the two joined by `merge_views` (docs/MODEL.md, "The query's twin")."""
-        return bool(self.config.get("sketch_preprocessing", {}).get("query_twin", False)) and not self.stroke_norm
+        return (bool(self.config.get("sketch_preprocessing", {}).get("query_twin", False)) and not self.stroke_norm
+                and not self._single_view)
+
+    def single_view(self) -> None:
+        """Encode sketches as drawn only from now on, whatever the checkpoint says (a service's choice:
+        one image a query instead of two; the index, photos only, is the same either way)."""
+        self._single_view = True
 
     @property
     def sketch_views(self) -> int:

@@ -39,7 +39,7 @@ def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastA
     state = ServingState(
         settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
         cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads, cpu_precision=settings.cpu_precision,
-        max_batch=settings.max_batch,
+        max_batch=settings.max_batch, query_twin=settings.query_twin,
     )
     one_forward = settings.batch_forwards == "one"
     batcher = MicroBatcher(

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         "was indexed in (int8 where the CPU has VNNI, by default); fp32 or int8 refuses a snapshot indexed "
         "in the other one",
     )
+    query_twin: Literal["model", "off"] = Field(
+        "model",
+        description="model: encode each sketch as its model says (today's models: as drawn and with its "
+        "strokes normalised, two images a query); off: as drawn only, one image a query (about twice the "
+        "requests a second on the CPU, lower accuracy on drawing styles never trained on; docs/SERVICE.md)",
+    )
     faiss_threads: int | None = Field(
         1,
         ge=1,

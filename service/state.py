@@ -173,8 +173,9 @@ class ModelCache:
     """
 
     def __init__(self, device: str, cpu_runtime: str | None = None, cpu_threads: int | None = None,
-                 cpu_precision: str = "auto", max_batch: int = 1):
+                 cpu_precision: str = "auto", max_batch: int = 1, query_twin: str = "model"):
         self.device = device
+        self.query_twin = query_twin  # "off": every model encodes a sketch as drawn only
         self.max_batch = max_batch  # a loaded model runs every batch size up to it once (SBIRModel.warm_up)
         self.cpu_runtime = cpu_runtime
         self.cpu_threads = cpu_threads
@@ -217,6 +218,9 @@ class ModelCache:
             )
         if precision is not None and model.precision != precision:
             raise UserError(f"the model in {model_dir} runs in {model.precision}, the snapshot needs {precision}")
+        if self.query_twin == "off" and model.query_twin:
+            model.single_view()
+            LOG.info("model %s: sketches encoded as drawn only (query_twin off)", sha256[:12])
         model.warm_up(self.max_batch)
         with self._lock:
             self._models[key] = model
@@ -300,11 +304,12 @@ class ServingState:
         cpu_threads: int | None = None,
         cpu_precision: str = "auto",
         max_batch: int = 1,
+        query_twin: str = "model",
     ):
         self.root = Path(root)
         self.metrics = metrics
         self.reload_interval_s = reload_interval_s
-        self.models = ModelCache(device, cpu_runtime, cpu_threads, cpu_precision, max_batch)
+        self.models = ModelCache(device, cpu_runtime, cpu_threads, cpu_precision, max_batch, query_twin)
         self._snapshots = snapshots
         self.current: ServingPair | None = None
         self.last_reload_error: dict | None = None

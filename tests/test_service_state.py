@@ -244,3 +244,27 @@ def test_a_twin_model_serves_each_sketch_as_two_images_in_one_forward(untrained_
     encoded = pair.encode([(model.preprocess_sketch(im), 5) for im in sketches])
     assert forwards == [6] and encoded.vectors.shape == (3, model.dim)
     np.testing.assert_allclose(encoded.vectors, model.encode_sketches(sketches), atol=1e-5)
+
+
+def test_query_twin_off_serves_a_twin_model_one_image_a_sketch(untrained_checkpoint, tmp_path):
+    """SBIR_QUERY_TWIN=off: the model cache hands out the model encoding sketches as drawn only."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from model.ground.checkpoint import checkpoint_sha256
+    from model.stroke_norm import VERSION
+    from service.state import ModelCache
+
+    path = tmp_path / "twin"
+    shutil.copytree(untrained_checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sketch_preprocessing"] = {"stroke_norm": False, "query_twin": True, "stroke_norm_version": VERSION}
+    (path / "config.json").write_text(json.dumps(cfg))
+    sha = checkpoint_sha256(path)
+    sketch = Image.new("RGB", (64, 64), "white")
+    for setting, views in (("model", 2), ("off", 1)):
+        model = ModelCache("cpu", cpu_runtime="torch", query_twin=setting).get(path, sha)
+        assert model.sketch_views == views and model.describe()["sketch_views"] == views
+        assert model.preprocess_sketch(sketch).shape[0] == (2 if views == 2 else 3)
