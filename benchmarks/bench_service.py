@@ -829,7 +829,8 @@ def cmd_fixed_cost_child(args: argparse.Namespace) -> None:
     def sleeping_forward(self, pixels, domain):
         if "row" not in cached:  # the real vector: the search and the second stage do their real work
             cached["row"] = encode(self, pixels[:1], domain)
-        time.sleep(args.forward_ms / 1000 * len(pixels))
+        images = len(pixels) * (pixels.shape[1] if pixels.ndim == 5 else 1)  # two a query with the twin
+        time.sleep(args.forward_ms / 1000 * images)
         return np.repeat(cached["row"], len(pixels), axis=0)
 
     SBIRModel.encode_pixels = sleeping_forward
@@ -934,8 +935,10 @@ def cmd_stages(args: argparse.Namespace) -> dict:
     stages: dict = {
         "multipart parse": (lambda: multipart_file(body, content_type, "file"), 1),
         "PNG decode": (lambda: decode_image(png), 1),
-        "preprocess (pad, grey check, resize)": (lambda: model.preprocess_sketch(image), 1),
-        "forward, batch of 5 (per image)": (lambda: model.encode_pixels(pixels, "sketch"), 5),
+        # with the query's twin: the stroke normalisation too, and two images a query
+        f"preprocess (pad, grey check, resize; {model.sketch_views} view(s))": (lambda: model.preprocess_sketch(image), 1),
+        f"forward, batch of 5 queries, {5 * model.sketch_views} images (per query)": (
+            lambda: model.encode_pixels(pixels, "sketch"), 5),
         "metadata lookup, 24 ids": (lambda: snap.lookup(hits[0]), 1),
         "JSON response (pydantic)": (lambda: SearchResponse.model_validate(answer).model_dump_json(), 1),
     }
