@@ -43,6 +43,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "do not train on the stroke-normalised twins of the sketches (queries are then as drawn only)"),
     ("--no-query-twin", "query_twin", {"action": "store_const", "const": False},
      "encode a query as drawn only, not also as its twin after stroke normalisation (one forward a query, not two)"),
+    ("--query-twin-weight", "query_twin_weight", {"type": float, "metavar": "W"},
+     "the normalised twin's weight when a query's two views are joined (the drawn view's is 1)"),
     ("--no-extra-styles", "extra_styles", {"action": "store_const", "const": False},
      "train on the core sketches only, not on the dataset's extra style sets (they still validate)"),
     ("--leave-out-style", "skip_styles", {"action": "append", "metavar": "KEY"},

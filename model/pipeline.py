@@ -180,11 +180,19 @@ class SBIRModel:
             return self.encode_features(self.backbone_features(pixels), domain)
         return self._on_device_thread(self._encode_padded, pixels, domain)
 
+    @property
+    def twin_weight(self) -> float:
+        """The normalised view's weight against the drawn view's 1 when `merge_views` joins them
+        (checkpoints of the first twin models, without the record: 1)."""
+        return float(self.config.get("sketch_preprocessing", {}).get("query_twin_weight", 1.0))
+
     def merge_views(self, rows: np.ndarray) -> np.ndarray:
-        """(n, V, dim) rows of V views of each query -> (n, dim): each part of the row (zs, and v and r
-        where the model re-ranks) the direction of the sum of the views' unit vectors."""
+        """(n, V, dim) rows of V views of each query (drawn, then normalised) -> (n, dim): each part of
+        the row (zs, and v and r where the model re-ranks) the direction of the weighted sum of the
+        views' unit vectors, the drawn view's weight 1, the normalised view's `twin_weight`."""
         rows = np.asarray(rows, np.float32)
-        summed = rows.sum(axis=1)
+        weights = np.array([1.0] + [self.twin_weight] * (rows.shape[1] - 1), np.float32)
+        summed = np.einsum("nvd,v->nd", rows, weights)
         parts = unit_parts(summed, self.search_dim, self.rerank if self.embedding == "iiae" else None)
         out = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in parts]
         return np.ascontiguousarray(np.concatenate(out, axis=1), dtype=np.float32)

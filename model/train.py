@@ -84,6 +84,9 @@ class TrainConfig:
     # row the mean direction of the two (SBIRModel.merge_views; two forwards a query). Chosen on
     # validation classes over three training seeds (docs/BENCHMARKS.md, "The query's twin").
     query_twin: bool = True
+    # The normalised view's weight in that mean (the drawn view's is 1); chosen on validation over
+    # three training seeds from {0.5, 1, 2} (docs/BENCHMARKS.md, "The query's twin").
+    query_twin_weight: float = 0.5
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
     # Tabler icons); False keeps them out of training but still validates on their seen classes.
     extra_styles: bool = True
@@ -521,6 +524,8 @@ def train_all(
         if progress is not None:
             progress(entry)
 
+    if not cfg.query_twin_weight > 0:
+        raise ValueError(f"the query twin's weight must be above 0, not {cfg.query_twin_weight}")
     if cfg.rerank == "infonce" and not cfg.peer:
         raise ValueError("re-ranking with the InfoNCE peer needs the peer: drop --no-peer or choose --rerank")
     twins = aligned_twins(fs, int8_twins) if cfg.int8_swap > 0 else None
@@ -578,7 +583,8 @@ def train_all(
         "sketch_preprocessing": {"stroke_norm": cfg.stroke_norm, "stroke_norm_version": STROKE_NORM_VERSION,
                                  # only where training read the normalised twins beside the drawn sketches
                                  "query_twin": bool(cfg.query_twin and cfg.norm_augment and not cfg.stroke_norm
-                                                    and ((td.view >= NORM_VIEW) & (td.part == "train")).any())},
+                                                    and ((td.view >= NORM_VIEW) & (td.part == "train")).any()),
+                                 "query_twin_weight": cfg.query_twin_weight},
         "training": {
             "config": cfg.to_dict(),
             "split": split.to_dict(),

@@ -145,6 +145,14 @@ def test_a_query_is_encoded_with_its_stroke_normalised_twin(untrained_checkpoint
         want = drawn[:, a:b] + normalised[:, a:b]
         want /= np.linalg.norm(want, axis=1, keepdims=True)
         np.testing.assert_allclose(got[:, a:b], want, atol=1e-5)
+    # the normalised view weighted as the checkpoint says (the default training writes 0.5)
+    model.config["sketch_preprocessing"]["query_twin_weight"] = 0.5
+    half = model.encode_sketches(images)
+    for a, b in ((0, d), (d, d + model.rerank.dim), (d + model.rerank.dim, model.dim)):
+        want = drawn[:, a:b] + 0.5 * normalised[:, a:b]
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(half[:, a:b], want, atol=1e-5)
+    model.config["sketch_preprocessing"]["query_twin_weight"] = 1.0
     # the service's path: a batch of (n, 2, 3, S, S) from preprocess_sketch, one forward of 2n images
     seen, real = [], model.backbone_features
     monkeypatch.setattr(model, "backbone_features", lambda px: seen.append(px.shape[0]) or real(px))

@@ -75,6 +75,7 @@ def test_training_writes_checkpoint_log_and_selects_on_validation(trained):
     assert cfg["iiae"]["lam"] == 1.0 and cfg["iiae"]["beta"] == 0.5
     # training read the normalised twins beside the drawn sketches: queries are encoded with theirs
     assert cfg["sketch_preprocessing"]["query_twin"] is True and cfg["sketch_preprocessing"]["stroke_norm"] is False
+    assert cfg["sketch_preprocessing"]["query_twin_weight"] == 0.5
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     iiae_epochs = [e for e in log if e["stage"] == "iiae" and "kl_zs_rx" in e]
     assert iiae_epochs and {"rec_x", "rec_y", "kl_zx", "kl_zy", "kl_zs", "kl_zs_ry"} <= set(iiae_epochs[0])
@@ -395,3 +396,5 @@ def test_without_the_normalised_twins_in_training_queries_are_encoded_once(tmp_p
         train_all(fs, records, split, cfg, tmp_path / name)
         saved = json.loads((tmp_path / name / "model" / "config.json").read_text())
         assert saved["sketch_preprocessing"]["query_twin"] is False, name
+    with pytest.raises(ValueError, match="weight"):
+        train_all(fs, records, split, TrainConfig(query_twin_weight=0.0, **small), tmp_path / "bad")
