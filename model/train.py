@@ -81,10 +81,10 @@ class TrainConfig:
     stroke_norm: bool = False
     norm_augment: bool = True
     # With norm_augment: encode a query as drawn and as its stroke-normalised twin, each part of the
-    # row the mean direction of the two (SBIRModel.merge_views; two forwards a query). Chosen on
+    # row the direction of their weighted sum (SBIRModel.merge_views; two images a query). Chosen on
     # validation classes over three training seeds (docs/BENCHMARKS.md, "The query's twin").
     query_twin: bool = True
-    # The normalised view's weight in that mean (the drawn view's is 1); chosen on validation over
+    # The normalised view's weight in that sum (the drawn view's is 1); chosen on validation over
     # three training seeds from {0.5, 1, 2} (docs/BENCHMARKS.md, "The query's twin").
     query_twin_weight: float = 0.5
     # Train on the dataset's extra drawing-style sets that are not held out (the emoji benchmark's
