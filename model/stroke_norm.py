@@ -58,26 +58,48 @@ def normalise_strokes(img: Image.Image, canvas: int = CANVAS) -> Image.Image:
 
 
 def centre_lines(ink: np.ndarray) -> np.ndarray:
-    """One-pixel lines of a boolean ink mask: the skeleton of its lines, the outline of its fills."""
+    """One-pixel lines of a boolean ink mask: the skeleton of its lines, the outline of its fills.
+
+    Computed on the ink's bounding box with a margin, not the whole canvas (a service drawing keeps a
+    margin of paper round it): every step's result inside that box is the whole canvas's, and outside
+    it there is nothing (the test checks it against the whole-canvas computation)."""
     from scipy import ndimage
     from skimage.morphology import disk, skeletonize
 
     if not ink.any():
         return ink
+    out = np.zeros_like(ink)
+    # With one pixel of paper round the ink, each ink pixel's nearest paper pixel lies in the box, and
+    # the skeleton's 3 x 3 neighbourhoods see what they see on the canvas.
+    box = _ink_box(ink, 1)
+    crop = ink[box]
     # The drawing's own line width: twice the median distance to the paper along the centre lines.
-    depth = ndimage.distance_transform_edt(ink)
-    skeleton = skeletonize(ink)
+    depth = ndimage.distance_transform_edt(crop)
+    skeleton = skeletonize(crop)
     half_width = float(np.median(depth[skeleton]))
     radius = min(MAX_FILL_RADIUS, max(MIN_FILL_RADIUS, FILL_FACTOR * half_width + 1))
     # Filled areas: the opening of the ink by a disk of `radius` (the union of every such disk that
     # fits in the ink), computed with distance transforms instead of a large structuring element.
     centres = depth >= radius
     if not centres.any():  # no filled area (most drawings): the lines are the skeleton made above
-        return skeleton
+        out[box] = skeleton
+        return out
+    # The opening reaches `radius` beyond its centres, and its outline and the dilation below one
+    # pixel each further: a box that much larger holds all of it.
+    box = _ink_box(ink, int(np.ceil(radius)) + 3)
+    crop = ink[box]
+    centres = ndimage.distance_transform_edt(crop) >= radius
     filled = ndimage.distance_transform_edt(~centres) <= radius
     outline = filled & ~ndimage.binary_erosion(filled, structure=disk(1))
-    lines = skeletonize(ink & ~ndimage.binary_dilation(filled, structure=disk(1)))
-    return lines | outline
+    lines = skeletonize(crop & ~ndimage.binary_dilation(filled, structure=disk(1)))
+    out[box] = lines | outline
+    return out
+
+
+def _ink_box(ink: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """The bounding box of `ink` grown by `pad` pixels on each side, clipped to the array."""
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return (slice(max(0, rows[0] - pad), rows[-1] + pad + 1), slice(max(0, cols[0] - pad), cols[-1] + pad + 1))
 
 
 def draw_lines(centre: np.ndarray) -> Image.Image:

@@ -91,3 +91,54 @@ def test_the_model_applies_what_its_training_applied(stroke_norm):
     want = Backbone().preprocess(normalise_strokes(img) if stroke_norm else img)
     assert torch.equal(got, want)
     assert model.stroke_norm is stroke_norm
+
+
+def _centre_lines_whole_canvas(ink: np.ndarray) -> tuple[np.ndarray, bool]:
+    """centre_lines as first written, on the whole canvas (the reference its bounding-box form must
+    equal), and whether the drawing had a filled area."""
+    from scipy import ndimage
+    from skimage.morphology import disk, skeletonize
+
+    from model.stroke_norm import FILL_FACTOR, MAX_FILL_RADIUS, MIN_FILL_RADIUS
+
+    if not ink.any():
+        return ink, False
+    depth = ndimage.distance_transform_edt(ink)
+    skeleton = skeletonize(ink)
+    radius = min(MAX_FILL_RADIUS, max(MIN_FILL_RADIUS, FILL_FACTOR * float(np.median(depth[skeleton])) + 1))
+    centres = depth >= radius
+    if not centres.any():
+        return skeleton, False
+    filled = ndimage.distance_transform_edt(~centres) <= radius
+    outline = filled & ~ndimage.binary_erosion(filled, structure=disk(1))
+    return skeletonize(ink & ~ndimage.binary_dilation(filled, structure=disk(1))) | outline, True
+
+
+def _random_drawing(rng: np.random.Generator) -> np.ndarray:
+    """Lines of random widths, some filled shapes, sometimes touching the canvas' edge."""
+    img = Image.new("L", (CANVAS, CANVAS), 255)
+    d = ImageDraw.Draw(img)
+    lo, hi = (0, CANVAS) if rng.random() < 0.3 else (60, 200)
+    for _ in range(int(rng.integers(1, 6))):
+        pts = [tuple(int(v) for v in rng.integers(lo, hi, 2)) for _ in range(int(rng.integers(2, 5)))]
+        d.line(pts, fill=0, width=int(rng.integers(1, 30)))
+    for _ in range(int(rng.integers(0, 3))):
+        x, y = (int(v) for v in rng.integers(lo, hi - 20, 2))
+        r = int(rng.integers(5, 60))
+        d.ellipse([x - r, y - r, x + r, y + r], fill=0)
+    return np.asarray(img) < 128
+
+
+def test_centre_lines_on_the_ink_box_equal_the_whole_canvas():
+    from model.stroke_norm import centre_lines
+
+    rng = np.random.default_rng(0)
+    drawings = [_random_drawing(rng) for _ in range(60)] + [_ink(_house(w)) for w in (1, 3, 9, 25)]
+    fills = 0
+    for ink in drawings:
+        want, had_fill = _centre_lines_whole_canvas(ink)
+        assert np.array_equal(centre_lines(ink), want)
+        fills += had_fill
+    # both paths (with and without filled areas) and ink on the canvas' edge are covered
+    assert 5 <= fills <= len(drawings) - 5
+    assert sum(bool(ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()) for ink in drawings) >= 5
