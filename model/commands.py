@@ -55,6 +55,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "train on the feature cache's silhouettes made from training photos (`sbir features --silhouette-views`)"),
     ("--int8-swap", "int8_swap", {"type": float, "metavar": "SHARE"},
      "read this share of each step's rows from their int8 twins (needs the int8 cache: --int8-features)"),
+    ("--style-mix", "style_mix", {"type": float, "metavar": "SHARE"},
+     "re-style this share of the adapter's training rows: their style's feature statistics moved towards another's"),
     ("--no-refit", "refit", {"action": "store_const", "const": False},
      "keep the selection-phase model (train classes only)"),
     ("--no-peer", "peer", {"action": "store_const", "const": False},

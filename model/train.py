@@ -116,6 +116,11 @@ class TrainConfig:
     # their int8 twins (the same render through the int8 backbone: `sbir train --int8-features`), so
     # the learned maps see int8's error as one more variation; 0 trains on float32 only.
     int8_swap: float = 0.0
+    # Style-statistics mixing in the adapter's training: this share of each batch's rows is re-styled,
+    # its per-dimension mean and std (those of its drawing style's training rows: domain, style set or
+    # artist, drawn or stroke-normalised) moved a random part of the way to another style's of the same
+    # domain (MixStyle on the cached features' statistics); 0 trains on the features as they are.
+    style_mix: float = 0.0
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
     # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
     # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
@@ -142,6 +147,7 @@ class TrainData:
     data_sha256: str = ""
     counts: dict = field(default_factory=dict)
     twin: torch.Tensor | None = None  # int8 twins of `feats`, row for row (TrainConfig.int8_swap)
+    style: np.ndarray | None = None  # per row, its drawing style's id (TrainConfig.style_mix)
 
 
 def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bool = False,
@@ -205,6 +211,11 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
         split=split,
         data_sha256=h.hexdigest(),
     )
+    rec_style = [r.style_set or r.artist for r in records]
+    keys = [f"{d}|{rec_style[r]}|{v >= NORM_VIEW}" for d, r, v in zip(td.domain.tolist(), fs.record.tolist(),
+                                                                     fs.view.tolist(), strict=True)]
+    names = {k: i for i, k in enumerate(sorted(set(keys)))}
+    td.style = np.array([names[k] for k in keys])
     for p in ("train", "val"):
         for d, name in ((0, "sketch"), (1, "photo")):
             td.counts[f"{p}_{name}_rows"] = int(((part == p) & (td.domain == d)).sum())
@@ -270,6 +281,48 @@ def _reader(main: torch.Tensor, twin: torch.Tensor | None, share: float, seed: i
     return read
 
 
+def _style_mixer(td: TrainData, share: float, seed: int):
+    """(rows, features) -> the features with a random `share` of rows re-styled (TrainConfig.style_mix):
+    row x of style g becomes (x - mu_g) / sd_g * sd' + mu', with (mu', sd') = (1 - a) (mu_g, sd_g) + a (mu_h,
+    sd_h) for a random other training style h of the same domain and a ~ U(0, 1). Statistics are those of the
+    training rows; styles with fewer than 2 training rows are left as they are. Its own generator."""
+    train = td.label >= 0
+    if share <= 0 or td.style is None:
+        return lambda rows, x: x
+    stats, peers = {}, {}
+    for g in np.unique(td.style[train]):
+        rows = np.flatnonzero(train & (td.style == g))
+        if len(rows) >= 2:
+            f = td.feats[rows]
+            stats[int(g)] = (f.mean(0), f.std(0).clamp_min(1e-4), int(td.domain[rows[0]]))
+    for g, (_, _, d) in stats.items():
+        peers[g] = [h for h, (_, _, e) in stats.items() if e == d and h != g]
+    if not any(peers.values()):
+        return lambda rows, x: x
+    mu = torch.stack([stats.get(g, (torch.zeros(td.feats.shape[1]),))[0] for g in range(int(td.style.max()) + 1)])
+    sd = torch.stack([stats[g][1] if g in stats else torch.ones(td.feats.shape[1])
+                      for g in range(int(td.style.max()) + 1)])
+    rng = np.random.default_rng([seed, 9])
+
+    def mix(rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        g = td.style[rows]
+        pick = (rng.random(len(rows)) < share) & np.array([bool(peers.get(int(v))) for v in g])
+        if not pick.any():
+            return x
+        idx = np.flatnonzero(pick)
+        h = np.array([peers[int(v)][rng.integers(len(peers[int(v)]))] for v in g[idx]])
+        a = torch.from_numpy(rng.random((len(idx), 1))).float()
+        gi, hi = torch.from_numpy(g[idx]), torch.from_numpy(h)
+        new_mu = (1 - a) * mu[gi] + a * mu[hi]
+        new_sd = (1 - a) * sd[gi] + a * sd[hi]
+        x = x.clone()
+        sel = torch.from_numpy(idx)
+        x[sel] = (x[sel] - mu[gi]) / sd[gi] * new_sd + new_mu
+        return x
+
+    return mix
+
+
 def _state(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -307,6 +360,7 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: float | None = 
     opt = torch.optim.AdamW(params, lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
     labels = torch.from_numpy(td.label)
     read = _reader(td.feats, td.twin, cfg.int8_swap, cfg.seed)
+    restyle = _style_mixer(td, cfg.style_mix, cfg.seed)
     steps_per_epoch = max(1, (len(sk) + len(ph)) // (2 * cfg.adapter_batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.adapter_max_epochs * steps_per_epoch)
     # validated every `every` steps (once an epoch by default); positions are in epochs, fractions allowed
@@ -325,7 +379,8 @@ def train_adapter(td: TrainData, cfg: TrainConfig, log, stop_at: float | None = 
         adapter.train()
         head.train()
         bs, bp = balanced_batch(rng, sk, ph, cfg.adapter_batch)
-        loss = class_loss(head, adapter, read(bs), read(bp), labels[bs], labels[bp], cfg.label_smoothing)
+        loss = class_loss(head, adapter, restyle(bs, read(bs)), restyle(bp, read(bp)), labels[bs], labels[bp],
+                          cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -398,3 +398,37 @@ def test_without_the_normalised_twins_in_training_queries_are_encoded_once(tmp_p
         assert saved["sketch_preprocessing"]["query_twin"] is False, name
     with pytest.raises(ValueError, match="weight"):
         train_all(fs, records, split, TrainConfig(query_twin_weight=0.0, **small), tmp_path / "bad")
+
+
+def test_style_mix_moves_a_rows_statistics_towards_another_style_of_its_domain():
+    """`TrainConfig.style_mix` (`sbir train --style-mix`): share 0 leaves every row as it is; share 1
+    re-styles each training row of a style that has a peer in its domain, and a style's rows re-styled
+    all the way (a = 1) would take the other style's mean and std."""
+    from model.train import _style_mixer, prepare
+
+    fs, records, split = synthetic(n_classes=20)
+    td = prepare(fs, records, split, norm_augment=True)
+    train = td.label >= 0
+    # with norm_augment the rows are the cache's own, in order
+    names = {(int(d), records[r].style_set or records[r].artist, bool(v >= NORM_VIEW))
+             for d, r, v in zip(td.domain[train], fs.record[train], td.view[train], strict=True)}
+    # sketches: core and Tabler, drawn and normalised (4 styles, one domain); photos: one style
+    assert len({k for k in names if k[0] == 0}) == 4 and len({k for k in names if k[0] == 1}) == 1
+    assert len(np.unique(td.style[train])) == len(names)
+    rows = np.flatnonzero(train)
+    x = td.feats[rows]
+    assert torch.equal(_style_mixer(td, 0.0, 0)(rows, x), x)
+    mixed = _style_mixer(td, 1.0, 0)(rows, x)
+    sketch = td.domain[rows] == 0
+    changed = (mixed != x).any(1).numpy()
+    assert changed[sketch].all() and not changed[~sketch].any()  # the one photo style has no peer
+    assert torch.equal(x, td.feats[rows])  # never written in place
+    # the same draws again under the same seed
+    assert torch.equal(_style_mixer(td, 1.0, 0)(rows, x), mixed)
+    # re-styled rows of a style move, on the mean, towards the other styles' statistics
+    g = td.style[rows]
+    core = sketch & (g == g[sketch][0])
+    others = sketch & (g != g[sketch][0])
+    before = (x[core].mean(0) - x[others].mean(0)).norm()
+    after = (mixed[core].mean(0) - x[others].mean(0)).norm()
+    assert after < before
