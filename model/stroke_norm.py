@@ -86,9 +86,11 @@ def centre_lines(ink: np.ndarray) -> np.ndarray:
         return out
     # The opening reaches `radius` beyond its centres, and its outline and the dilation below one
     # pixel each further: a box that much larger holds all of it.
+    # The depth outside the first box is 0 (paper), so the centres there are none: no second transform.
+    canvas_centres = np.zeros_like(ink)
+    canvas_centres[box] = centres
     box = _ink_box(ink, int(np.ceil(radius)) + 3)
-    crop = ink[box]
-    centres = ndimage.distance_transform_edt(crop) >= radius
+    crop, centres = ink[box], canvas_centres[box]
     filled = ndimage.distance_transform_edt(~centres) <= radius
     outline = filled & ~ndimage.binary_erosion(filled, structure=disk(1))
     lines = skeletonize(crop & ~ndimage.binary_dilation(filled, structure=disk(1)))

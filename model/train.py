@@ -211,11 +211,11 @@ def prepare(fs: FeatureSet, records: list[Record], split: Split, stroke_norm: bo
         split=split,
         data_sha256=h.hexdigest(),
     )
-    rec_style = [r.style_set or r.artist for r in records]
-    keys = [f"{d}|{rec_style[r]}|{v >= NORM_VIEW}" for d, r, v in zip(td.domain.tolist(), fs.record.tolist(),
-                                                                     fs.view.tolist(), strict=True)]
-    names = {k: i for i, k in enumerate(sorted(set(keys)))}
-    td.style = np.array([names[k] for k in keys])
+    # one id per (domain, style set or artist, normalised view or not): the groups style mixing reads
+    _, rec_style = np.unique(np.array([r.style_set or r.artist for r in records], dtype=object).astype(str),
+                             return_inverse=True)
+    key = (td.domain * (rec_style.max() + 1) + rec_style[fs.record]) * 2 + (fs.view >= NORM_VIEW)
+    td.style = np.unique(key, return_inverse=True)[1].reshape(-1)
     for p in ("train", "val"):
         for d, name in ((0, "sketch"), (1, "photo")):
             td.counts[f"{p}_{name}_rows"] = int(((part == p) & (td.domain == d)).sum())
@@ -299,9 +299,10 @@ def _style_mixer(td: TrainData, share: float, seed: int):
         peers[g] = [h for h, (_, _, e) in stats.items() if e == d and h != g]
     if not any(peers.values()):
         return lambda rows, x: x
-    mu = torch.stack([stats.get(g, (torch.zeros(td.feats.shape[1]),))[0] for g in range(int(td.style.max()) + 1)])
-    sd = torch.stack([stats[g][1] if g in stats else torch.ones(td.feats.shape[1])
-                      for g in range(int(td.style.max()) + 1)])
+    mu = torch.zeros(int(td.style.max()) + 1, td.feats.shape[1])
+    sd = torch.ones_like(mu)
+    for g, (m, s, _) in stats.items():
+        mu[g], sd[g] = m, s
     rng = np.random.default_rng([seed, 9])
 
     def mix(rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
