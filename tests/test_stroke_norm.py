@@ -129,11 +129,23 @@ def _random_drawing(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(img) < 128
 
 
+def _square_on_lines(side: int) -> np.ndarray:
+    """Thin lines and one filled square: its centre lies (side + 1) // 2 from the paper, so sides 9 to
+    13 put the deepest ink on either side of MIN_FILL_RADIUS (the shortcut that skips the distance
+    transform must agree with it to the pixel)."""
+    img = Image.new("L", (CANVAS, CANVAS), 255)
+    d = ImageDraw.Draw(img)
+    d.line([(30, 40), (220, 60), (120, 220)], fill=0, width=2)
+    d.rectangle([100, 100, 100 + side - 1, 100 + side - 1], fill=0)
+    return np.asarray(img) < 128
+
+
 def test_centre_lines_on_the_ink_box_equal_the_whole_canvas():
     from model.stroke_norm import centre_lines
 
     rng = np.random.default_rng(0)
     drawings = [_random_drawing(rng) for _ in range(60)] + [_ink(_house(w)) for w in (1, 3, 9, 25)]
+    drawings += [_square_on_lines(side) for side in range(9, 14)]
     fills = 0
     for ink in drawings:
         want, had_fill = _centre_lines_whole_canvas(ink)
@@ -142,3 +154,27 @@ def test_centre_lines_on_the_ink_box_equal_the_whole_canvas():
     # both paths (with and without filled areas) and ink on the canvas' edge are covered
     assert 5 <= fills <= len(drawings) - 5
     assert sum(bool(ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()) for ink in drawings) >= 5
+
+
+def test_lines_drawn_on_their_box_equal_the_whole_canvas():
+    """draw_lines (a fast disk dilation on the lines' bounding box, then the blur there) gives the
+    pixels of scipy's binary dilation with skimage's disk and the blur on the whole canvas."""
+    from PIL import ImageFilter
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    from model.stroke_norm import PEN_RADIUS, centre_lines, dilate_disk, draw_lines
+
+    rng = np.random.default_rng(1)
+    lines = [centre_lines(_random_drawing(rng)) for _ in range(40)]
+    corner = np.zeros((CANVAS, CANVAS), bool)
+    corner[0, :], corner[:, -1], corner[5, 2] = True, True, True
+    lines += [corner, np.zeros((CANVAS, CANVAS), bool)]
+    for centre in lines:
+        want = Image.fromarray(np.where(ndimage.binary_dilation(centre, structure=disk(PEN_RADIUS)), 0, 255)
+                               .astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)).convert("RGB")
+        assert np.array_equal(np.asarray(draw_lines(centre)), np.asarray(want))
+    for radius in (1, 2, 3, 5):
+        for centre in lines[:10] + [corner]:
+            assert np.array_equal(dilate_disk(centre, radius**2), ndimage.binary_dilation(centre, structure=disk(radius)))
+    assert sum(bool(c[0].any() or c[-1].any() or c[:, 0].any() or c[:, -1].any()) for c in lines) >= 2
