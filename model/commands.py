@@ -57,6 +57,8 @@ TRAIN_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
      "read this share of each step's rows from their int8 twins (needs the int8 cache: --int8-features)"),
     ("--style-mix", "style_mix", {"type": float, "metavar": "SHARE"},
      "re-style this share of the adapter's training rows: their style's feature statistics moved towards another's"),
+    ("--members", "members", {"type": int, "metavar": "K"},
+     "train K adapter + IIAE + peer members with their own seeds; the served rows join theirs (docs/MODEL.md, 'Members')"),
     ("--no-refit", "refit", {"action": "store_const", "const": False},
      "keep the selection-phase model (train classes only)"),
     ("--no-peer", "peer", {"action": "store_const", "const": False},

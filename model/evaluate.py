@@ -33,7 +33,7 @@ from model.features import EDGE_VIEW, FEATURES_FILE, FeatureSet
 from model.images import load_image
 from model.metrics import evaluate_retrieval, evaluate_scored, pr_curve, ranked_relevance
 from model.peer import InfoNCEPeer
-from model.pipeline import SBIRModel
+from model.pipeline import SBIRModel, join_members
 from model.rerank import rerank_matrix, second_scores, split_rows
 from model.train import prepare
 
@@ -70,6 +70,8 @@ def _raw_statistics(fs_raw: FeatureSet, records: list[Record], model) -> dict[st
 
 
 def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
+    """Every method's encoder. A model of several members (`TrainConfig.members`) is compared member for
+    member: its adapter, IIAE and peer methods join every member's, as its served rows do."""
     model = SBIRModel.load(run / "model", device="cpu", with_backbone=False)
     adapter = model.adapter
     stats = _raw_statistics(fs_raw, records, model)
@@ -82,14 +84,17 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
         return F.normalize((x - mean) / std, dim=-1)
 
     def adapted(x, domain):
-        return F.normalize(adapter(x, domain), dim=-1)
+        return join_members([F.normalize(a(x, domain), dim=-1) for a, _, _ in model.members])
 
-    def iiae(x, domain):
-        a = adapter(x, domain)
-        return model.iiae.encode_sketches(a) if domain == "sketch" else model.iiae.encode_photos(a)
+    def iiae(x, domain):  # the served first stage
+        return join_members([(i.encode_sketches if domain == "sketch" else i.encode_photos)(a(x, domain))
+                             for a, i, _ in model.members])
 
     enc = {"served": model.encode_features, "raw": raw, "standardised": standardised, "adapter": adapted,
            "iiae": iiae}
+    if model.n_members > 1 and all(p is not None for _, _, p in model.members):
+        enc["infonce"] = lambda x, domain: join_members([p.encode(a(x, domain), domain) for a, _, p in model.members])
+        return model, enc
     peer_path = run / "peer_infonce.safetensors"
     if peer_path.is_file():
         state = load_file(str(peer_path))

@@ -78,6 +78,7 @@ class SBIRModel:
         config: dict,
         device: str | torch.device | None = "cpu",
         peer: InfoNCEPeer | None = None,
+        more_members: Sequence[tuple[FeatureAdapter, IIAE, InfoNCEPeer | None]] = (),
     ):
         self.device = resolve_device(device)
         self._device_lock = threading.Lock()
@@ -94,10 +95,17 @@ class SBIRModel:
         # the served second stage (model.rerank): only over IIAE's zs
         self.rerank = RerankConfig.from_dict(config.get("rerank")) if self.embedding == "iiae" else None
         self.peer = peer.to(self.device).eval() if peer is not None else None
+        # Members trained with other seeds (`TrainConfig.members`): each part of a row is their parts joined,
+        # each a unit vector over sqrt(members), so a dot product is the mean of the members' cosines.
+        self.more_members = [(a.to(self.device).eval(), i.to(self.device).eval(),
+                              p.to(self.device).eval() if p is not None else None) for a, i, p in more_members]
+        for a, i, p in self.more_members:
+            if a.cfg != adapter.cfg or i.cfg != iiae.cfg or (p is None) != (peer is None):
+                raise ValueError("every member must have the first member's adapter, IIAE and peer shapes")
         if self.rerank is not None:
             if self.rerank.vector == "infonce" and self.peer is None:
                 raise ValueError("re-ranking with the InfoNCE peer needs the peer's weights")
-            made = self.peer.out_dim if self.rerank.vector == "infonce" else self.adapter.cfg.output_dim
+            made = (self.peer.out_dim if self.rerank.vector == "infonce" else self.adapter.cfg.output_dim) * self.n_members
             if self.rerank.dim != made:
                 raise ValueError(f"re-ranking with {self.rerank.dim}-d vectors, the {self.rerank.vector} makes {made}-d")
             if self.rerank.raw_dim not in (0, self.adapter.cfg.input_dim):
@@ -106,9 +114,20 @@ class SBIRModel:
         self.sha256: str | None = None
 
     @property
+    def members(self) -> list[tuple[FeatureAdapter, IIAE, InfoNCEPeer | None]]:
+        """(adapter, IIAE, peer) of each member, the first (`adapter`, `iiae`, `peer`) first."""
+        return [(self.adapter, self.iiae, self.peer), *self.more_members]
+
+    @property
+    def n_members(self) -> int:
+        return 1 + len(self.more_members)
+
+    @property
     def search_dim(self) -> int:
-        """Width of what the index searches: zs (or the adapter's output where that is served)."""
-        return self.iiae.cfg.latent_dim if self.embedding == "iiae" else self.adapter.cfg.output_dim
+        """Width of what the index searches: zs (or the adapter's output where that is served), every
+        member's joined."""
+        one = self.iiae.cfg.latent_dim if self.embedding == "iiae" else self.adapter.cfg.output_dim
+        return one * self.n_members
 
     @property
     def dim(self) -> int:
@@ -121,16 +140,18 @@ class SBIRModel:
         """Backbone features (n, D) of one domain -> unit embeddings (n, dim)."""
         x = torch.as_tensor(np.asarray(feats) if not torch.is_tensor(feats) else feats)
         x = x.to(self.device, torch.float32)
-        a = self.adapter(x, domain)
-        if self.embedding == "adapter":
-            z = F.normalize(a, dim=-1)
-        elif domain == "sketch":
-            z = self.iiae.encode_sketches(a)
-        else:
-            z = self.iiae.encode_photos(a)
+        zs, vs = [], []
+        for adapter, iiae, peer in self.members:
+            a = adapter(x, domain)
+            if self.embedding == "adapter":
+                zs.append(F.normalize(a, dim=-1))
+            else:
+                zs.append(iiae.encode_sketches(a) if domain == "sketch" else iiae.encode_photos(a))
+            if self.rerank is not None:
+                vs.append(peer.encode(a, domain) if self.rerank.vector == "infonce" else F.normalize(a, dim=-1))
+        z = join_members(zs)
         if self.rerank is not None:
-            v = self.peer.encode(a, domain) if self.rerank.vector == "infonce" else F.normalize(a, dim=-1)
-            parts = [z, v]
+            parts = [z, join_members(vs)]
             if self.rerank.raw_dim:  # the backbone's features, standardised as the adapter's input is
                 parts.append(F.normalize(self.adapter.standardise(x, domain), dim=-1))
             z = torch.cat(parts, dim=-1)
@@ -194,7 +215,13 @@ class SBIRModel:
         weights = np.array([1.0] + [self.twin_weight] * (rows.shape[1] - 1), np.float32)
         summed = np.einsum("nvd,v->nd", rows, weights)
         parts = unit_parts(summed, self.search_dim, self.rerank if self.embedding == "iiae" else None)
-        out = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in parts]
+        out = []
+        for i, p in enumerate(parts):
+            # zs and v: each member's block its own direction (the members' raw r is one part)
+            k = self.n_members if i < 2 else 1
+            blocks = p.reshape(len(p), k, -1)
+            blocks = blocks / np.maximum(np.linalg.norm(blocks, axis=2, keepdims=True), 1e-12)
+            out.append(blocks.reshape(len(p), -1) / np.float32(np.sqrt(k)) if k > 1 else blocks.reshape(len(p), -1))
         return np.ascontiguousarray(np.concatenate(out, axis=1), dtype=np.float32)
 
     def _encode_padded(self, pixels: torch.Tensor, domain: str) -> np.ndarray:
@@ -278,6 +305,10 @@ class SBIRModel:
         tensors.update({f"iiae.{k}": v.detach().cpu().contiguous() for k, v in self.iiae.state_dict().items()})
         if self.peer is not None:
             tensors.update({f"peer.{k}": v.detach().cpu().contiguous() for k, v in self.peer.state_dict().items()})
+        for m, (adapter, iiae, peer) in enumerate(self.more_members, start=1):
+            parts = [("adapter", adapter), ("iiae", iiae)] + ([("peer", peer)] if peer is not None else [])
+            tensors.update({f"member{m}.{name}.{k}": v.detach().cpu().contiguous()
+                            for name, module in parts for k, v in module.state_dict().items()})
         tensors.update(self.backbone_tensors)
         config = dict(self.config)
         config["format"] = FORMAT
@@ -286,6 +317,7 @@ class SBIRModel:
         config["embedding"] = self.embedding
         config["dim"] = self.dim
         config["search_dim"] = self.search_dim
+        config["members"] = self.n_members
         config["rerank"] = self.rerank.to_dict() if self.rerank is not None else None
         if self.backbone is not None:
             config["backbone"] = self.backbone.describe()
@@ -327,15 +359,24 @@ class SBIRModel:
                 "sketches. Train it again (or use the code it was trained with)."
             )
         tensors = load_file(str(w_path))
-        adapter = FeatureAdapter(AdapterConfig(**config["adapter"]))
-        adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-        iiae = IIAE(IIAEConfig(**config["iiae"]))
-        iiae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("iiae.")})
-        peer = None
-        if "peer.sketch.weight" in tensors:
-            w = tensors["peer.sketch.weight"]
-            peer = InfoNCEPeer(w.shape[1], w.shape[0])
-            peer.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("peer.")})
+
+        def member(prefix: str) -> tuple[FeatureAdapter, IIAE, InfoNCEPeer | None]:
+            def part(name: str) -> dict:
+                head = f"{prefix}{name}."
+                return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+            adapter_ = FeatureAdapter(AdapterConfig(**config["adapter"]))
+            adapter_.load_state_dict(part("adapter"))
+            iiae_ = IIAE(IIAEConfig(**config["iiae"]))
+            iiae_.load_state_dict(part("iiae"))
+            peer_ = None
+            if f"{prefix}peer.sketch.weight" in tensors:
+                w = tensors[f"{prefix}peer.sketch.weight"]
+                peer_ = InfoNCEPeer(w.shape[1], w.shape[0])
+                peer_.load_state_dict(part("peer"))
+            return adapter_, iiae_, peer_
+
+        adapter, iiae, peer = member("")
+        more = [member(f"member{m}.") for m in range(1, int(config.get("members", 1)))]
         tuned = {k: v for k, v in tensors.items() if k.startswith(PREFIX)}
         tuned_info = config.get("backbone", {}).get("finetuned")
         if tuned_info and tensors_sha256(tuned) != tuned_info.get("sha256"):
@@ -357,7 +398,7 @@ class SBIRModel:
             except ValueError as exc:  # tuned tensors that do not fit the backbone
                 raise UserError(f"{ckpt_dir}: {exc}") from None
         try:
-            model = cls(backbone, adapter, iiae, config, device=device, peer=peer)
+            model = cls(backbone, adapter, iiae, config, device=device, peer=peer, more_members=more)
         except ValueError as exc:  # a re-ranking stage the weights do not fit
             raise UserError(f"{ckpt_dir}: {exc}") from None
         model.backbone_tensors = tuned
@@ -382,12 +423,20 @@ class SBIRModel:
             "embedding": self.embedding,
             "dim": self.dim,
             "search_dim": self.search_dim,
+            "members": self.n_members,
             "rerank": self.rerank.to_dict() if self.rerank is not None else None,
             "sketch_views": self.sketch_views,  # images a query sketch becomes (2: with its normalised twin)
             "backbone": self.config.get("backbone"),
             "device": str(self.device),
             "runtime": self.backbone.runtime() if self.backbone is not None else None,
         }
+
+
+def join_members(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Unit vectors of the members -> one unit vector whose dot products are the mean of theirs."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=-1) / float(np.sqrt(len(parts)))
 
 
 def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:

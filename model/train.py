@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ from model.rerank import RerankConfig
 from model.stroke_norm import VERSION as STROKE_NORM_VERSION
 
 LOG = logging.getLogger(__name__)
+
+MEMBER_SEED_STRIDE = 1000  # member i trains with seed + 1000 i (each stage draws from seed, seed + 1 and seed + 2)
 
 
 @dataclass
@@ -122,6 +124,11 @@ class TrainConfig:
     # domain (MixStyle on the cached features' statistics); 0 trains on the features as they are.
     style_mix: float = 0.0
     refit: bool = True  # after selection, train again on train+val classes for the selected epochs/steps
+    # Members: this many adapter + IIAE + peer triples, the first as above, each other trained with its own
+    # seed (seed + MEMBER_SEED_STRIDE * i) for the epochs and steps the first selected, on what the first
+    # was finally trained on; the served parts are the members' joined (SBIRModel, "members"). 2 chosen on
+    # validation classes over three training seeds against 1 (docs/BENCHMARKS.md, "Two members").
+    members: int = 2
     # Seconds after which IIAE's selection stops early (keeping the best step so far); 0: no limit.
     # Off by default: a wall-clock limit makes the selected step depend on the machine's load (a run
     # beside other jobs once stopped at step 500 of 3,000), and a seed must give the same model.
@@ -617,11 +624,25 @@ def train_all(
         iiae, _ = train_iiae(td, a, cfg, log, stop_at=i_info["selected_step"], a_twin=a_twin)
         if cfg.peer:
             peer, _ = train_peer(td, a, cfg, log, stop_at=p_info["selected_step"], a_twin=a_twin)
+    if cfg.members < 1:
+        raise ValueError(f"a model needs at least one member, not {cfg.members}")
+    more_members = []
+    for m in range(1, cfg.members):
+        # the same data and the first member's selected epochs and steps; its own seed
+        cfg_m = replace(cfg, seed=cfg.seed + MEMBER_SEED_STRIDE * m)
+        log({"stage": "member", "member": m, "seed": cfg_m.seed})
+        adapter_m, _ = train_adapter(td, cfg_m, log, stop_at=a_info["selected_epoch"])
+        a_m, a_twin_m = encoded(td, adapter_m)
+        iiae_m, _ = train_iiae(td, a_m, cfg_m, log, stop_at=i_info["selected_step"], a_twin=a_twin_m)
+        peer_m = (train_peer(td, a_m, cfg_m, log, stop_at=p_info["selected_step"], a_twin=a_twin_m)[0]
+                  if cfg.peer else None)
+        more_members.append((adapter_m, iiae_m, peer_m))
     summary = {
         "adapter": {k: v for k, v in a_info.items() if k != "history"},
         "iiae": {k: v for k, v in i_info.items() if k != "history"},
         "refit_on_train_and_val": bool(cfg.refit and split.val),
         "seconds": {"selection": round(t_select, 1), "refit": round(time.perf_counter() - t0 - t_select, 1)},
+        "members": cfg.members,
     }
     if peer is not None:
         save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out_dir / "peer_infonce.safetensors"))
@@ -629,7 +650,7 @@ def train_all(
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     rerank = None
     if cfg.rerank != "none" and cfg.embedding == "iiae":
-        dim = cfg.latent_dim if cfg.rerank == "infonce" else cfg.adapter_dim
+        dim = (cfg.latent_dim if cfg.rerank == "infonce" else cfg.adapter_dim) * cfg.members
         raw_dim = adapter.cfg.input_dim if cfg.rerank_raw_weight > 0 else 0
         rerank = RerankConfig(cfg.rerank, dim, cfg.rerank_top, cfg.rerank_weight, cfg.rerank_raw_weight,
                               raw_dim).to_dict()
@@ -655,8 +676,9 @@ def train_all(
             "val_mAP": {"adapter": a_info["val_mAP"], "iiae": i_info["val_mAP"]},
         } | (extra_training or {}),
     }
-    model = SBIRModel(backbone, adapter, iiae, config, device="cpu",
-                      peer=peer if rerank and cfg.rerank == "infonce" else None)
+    with_peer = bool(rerank) and cfg.rerank == "infonce"
+    model = SBIRModel(backbone, adapter, iiae, config, device="cpu", peer=peer if with_peer else None,
+                      more_members=[(a_, i_, p_ if with_peer else None) for a_, i_, p_ in more_members])
     model.backbone_tensors = dict(backbone_tensors or {})
     if backbone is None:
         config["backbone"] = fs.meta["plan"]["backbone"]

@@ -81,7 +81,8 @@ def run_logging(work: Path, verbose: bool) -> Iterator[Path]:
 class TrainingProgress:
     """One tqdm bar for `sbir demo`'s training step, fed by `train_all`'s log entries (its `progress`
     callback): adapter epochs, IIAE steps and the InfoNCE peer's steps, then the adapter and IIAE again
-    for the refit on training + validation classes, for exactly the selected epochs and steps."""
+    for the refit on training + validation classes, for exactly the selected epochs and steps, then
+    each further member's (`TrainConfig.members`) for the same epochs and steps."""
 
     UNITS = {"adapter": "epoch", "iiae": "step", "infonce": "step"}
     NAMES = {"adapter": "adapter", "iiae": "IIAE", "infonce": "InfoNCE peer"}
@@ -91,31 +92,36 @@ class TrainingProgress:
 
         self.cfg = cfg
         self.bar = bar if bar is not None else tqdm(total=cfg.adapter_max_epochs, unit="epoch", desc="adapter")
-        self.phase = ("adapter", False)
+        self.phase = ("adapter", False, 0)
         self.best: dict[str, tuple[float, int]] = {s: (-1.0, 0) for s in self.UNITS}  # selection: (val_mAP, pos)
         self.phases = ["adapter"]  # the bar's descriptions so far
         self.refit = False
+        self.member = 0  # the member being trained after the first (0: the first)
 
     def __call__(self, entry: dict) -> None:
         stage = entry.get("stage")
         if stage == "refit":
             self.refit = True
+        if stage == "member":
+            self.member = int(entry["member"])
         if stage not in self.UNITS:
             return
         pos = int(float(entry["epoch"] if stage == "adapter" else entry.get("step", 0)))
         val = float(entry.get("val_mAP", "nan"))
-        if not self.refit and val > self.best[stage][0]:
+        fixed = self.refit or self.member > 0
+        if not fixed and val > self.best[stage][0]:
             self.best[stage] = (val, pos)
-        if (stage, self.refit) != self.phase:
-            self.phase = (stage, self.refit)
-            if self.refit:  # the refit runs exactly the selected epochs / steps
+        if (stage, self.refit, self.member) != self.phase:
+            self.phase = (stage, self.refit, self.member)
+            if fixed:  # the refit and the further members run exactly the selected epochs / steps
                 total = self.best[stage][1] or None
             else:
                 total = {"adapter": self.cfg.adapter_max_epochs, "iiae": self.cfg.iiae_max_steps,
                          "infonce": self.cfg.peer_max_steps}[stage]
             self.bar.reset(total=total)
             self.bar.unit = self.UNITS[stage]
-            self.phases.append(("refit " if self.refit else "") + self.NAMES[stage])
+            self.phases.append((f"member {self.member + 1} " if self.member else "refit " if self.refit else "")
+                               + self.NAMES[stage])
             self.bar.set_description(self.phases[-1])
         self.bar.update(pos - self.bar.n)
         if "val_mAP" in entry:

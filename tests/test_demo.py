@@ -43,7 +43,8 @@ def test_other_split_or_features_are_not_reused(tmp_path):
 
 def test_training_progress_follows_the_training_log(tmp_path):
     """The demo's training bar follows train_all's log entries: adapter epochs, IIAE steps, the
-    InfoNCE peer's steps, then the refit for exactly the selected epoch and step."""
+    InfoNCE peer's steps, then the refit for exactly the selected epoch and step, then the second
+    member's adapter and IIAE for the same."""
     import io
 
     from test_train_e2e import synthetic
@@ -57,7 +58,8 @@ def test_training_progress_follows_the_training_log(tmp_path):
                       peer_max_steps=100, adapter_dim=16, latent_dim=8)
     progress = TrainingProgress(cfg, bar=tqdm(total=cfg.adapter_max_epochs, file=io.StringIO()))
     summary = train_all(fs, records, split, cfg, tmp_path, progress=progress)
-    assert progress.phases == ["adapter", "IIAE", "InfoNCE peer", "refit adapter", "refit IIAE"]
+    assert progress.phases == ["adapter", "IIAE", "InfoNCE peer", "refit adapter", "refit IIAE",
+                               "member 2 adapter", "member 2 IIAE"]
     assert progress.bar.n == progress.bar.total == summary["iiae"]["selected_step"]
 
 

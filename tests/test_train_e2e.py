@@ -61,8 +61,9 @@ def synthetic(n_classes=24, d=64, seed=0):
 def trained(tmp_path_factory):
     fs, records, split = synthetic()
     out = tmp_path_factory.mktemp("run")
+    # one member: these tests read the parts of its rows (test_members_... covers two)
     cfg = TrainConfig(adapter_max_epochs=25, adapter_batch=32, iiae_max_steps=600, iiae_eval_every=100,
-                      peer_max_steps=300, adapter_dim=32, latent_dim=16)
+                      peer_max_steps=300, adapter_dim=32, latent_dim=16, members=1)
     summary = train_all(fs, records, split, cfg, out)
     return fs, records, split, out, summary
 
@@ -432,3 +433,55 @@ def test_style_mix_moves_a_rows_statistics_towards_another_style_of_its_domain()
     before = (x[core].mean(0) - x[others].mean(0)).norm()
     after = (mixed[core].mean(0) - x[others].mean(0)).norm()
     assert after < before
+
+
+def test_members_train_with_their_own_seeds_and_serve_the_mean_of_their_cosines(tmp_path):
+    """`TrainConfig.members` (`sbir train --members K`): one checkpoint of K adapter + IIAE + peer
+    members. Its first member is the one-member model of the same seed, bit for bit; the others differ
+    (their own seeds); a row's zs and v are the members' joined, so the first stage's and the second
+    stage's dot products are the means of the members' cosines; it round-trips through save and load."""
+    from model.pipeline import SBIRModel
+
+    fs, records, split = synthetic(n_classes=20)
+    small = dict(adapter_max_epochs=2, iiae_max_steps=20, iiae_eval_every=10, adapter_dim=32, latent_dim=16,
+                 refit=False)
+    train_all(fs, records, split, TrainConfig(members=1, **small), tmp_path / "one")
+    summary = train_all(fs, records, split, TrainConfig(members=2, **small), tmp_path / "two")
+    assert summary["members"] == 2
+    one = SBIRModel.load(tmp_path / "one" / "model", device="cpu", with_backbone=False)
+    two = SBIRModel.load(tmp_path / "two" / "model", device="cpu", with_backbone=False)
+    assert two.n_members == 2 and two.search_dim == 2 * one.search_dim and two.rerank.dim == 2 * one.rerank.dim
+    assert json.loads((tmp_path / "two" / "model" / "config.json").read_text())["members"] == 2
+    first, second = two.members
+    for got, want in zip(first, one.members[0], strict=True):
+        for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+            assert torch.equal(a, b), k
+    for a, b in zip(first, second, strict=True):  # adapter, IIAE, peer: each trained again
+        assert any(not torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+    x = torch.from_numpy(fs.feats[:12]).float()
+    q, g = two.encode_features(x[:6], "sketch"), two.encode_features(x[6:], "photo")
+    sd, d = two.search_dim, two.rerank.dim
+    for part in (q, g):
+        assert np.allclose(np.linalg.norm(part[:, :sd], axis=1), 1, atol=1e-5)
+    with torch.no_grad():
+        zs = [(i.encode_sketches(a(x[:6], "sketch")).numpy(), i.encode_photos(a(x[6:], "photo")).numpy())
+              for a, i, _ in two.members]
+        vs = [(p.encode(a(x[:6], "sketch"), "sketch").numpy(), p.encode(a(x[6:], "photo"), "photo").numpy())
+              for a, _, p in two.members]
+    assert np.allclose(q[:, :sd] @ g[:, :sd].T, np.mean([s @ p.T for s, p in zs], 0), atol=1e-5)
+    assert np.allclose(q[:, sd:sd + d] @ g[:, sd:sd + d].T, np.mean([s @ p.T for s, p in vs], 0), atol=1e-5)
+    # a query's two views are joined member by member (each member's block its own direction)
+    merged = two.merge_views(np.stack([q, q[::-1]], axis=1))
+    blocks = merged[:, :sd].reshape(6, 2, -1)
+    assert np.allclose(np.linalg.norm(blocks, axis=2), 1 / np.sqrt(2), atol=1e-5)
+    # `sbir eval` compares it member for member: its adapter, peer and IIAE methods join both members'
+    from model.evaluate import _encoders
+
+    _, enc = _encoders(tmp_path / "two", fs, records)
+    with torch.no_grad():
+        assert enc["adapter"](x[:6], "sketch").shape[1] == 2 * 32
+        assert np.allclose(enc["infonce"](x[:6], "sketch").numpy(), q[:, sd:sd + d], atol=1e-6)
+        assert np.allclose(enc["iiae"](x[:6], "sketch").numpy(), q[:, :sd], atol=1e-6)
+    with pytest.raises(ValueError, match="at least one member"):
+        train_all(fs, records, split, TrainConfig(members=0, **small), tmp_path / "none")
