@@ -95,13 +95,23 @@ def _encoders(run: Path, fs_raw: FeatureSet, records: list[Record]):
     if model.n_members > 1 and all(p is not None for _, _, p in model.members):
         enc["infonce"] = lambda x, domain: join_members([p.encode(a(x, domain), domain) for a, _, p in model.members])
         return model, enc
-    peer_path = run / "peer_infonce.safetensors"
-    if peer_path.is_file():
-        state = load_file(str(peer_path))
+    # a model that does not serve its peers: the peers' files beside it (one per member)
+    paths = [run / "peer_infonce.safetensors"] + [run / f"peer_infonce_member{m}.safetensors"
+                                                  for m in range(1, model.n_members)]
+    if not paths[0].is_file():
+        return model, enc
+    if not all(p.is_file() for p in paths):
+        LOG.warning("%s: the InfoNCE peer of member 0 only (the other members' peers were not saved)", run)
+        paths = paths[:1]
+    peers = []
+    for path in paths:
+        state = load_file(str(path))
         peer = InfoNCEPeer(adapter.cfg.output_dim, state["sketch.weight"].shape[0])
         peer.load_state_dict(state)
-        peer.eval()
-        enc["infonce"] = lambda x, domain: peer.encode(adapter(x, domain), domain)
+        peers.append(peer.eval())
+    members = model.members[:len(peers)]
+    enc["infonce"] = lambda x, domain: join_members([p.encode(a(x, domain), domain)
+                                                     for (a, _, _), p in zip(members, peers, strict=True)])
     return model, enc
 
 

@@ -483,5 +483,19 @@ def test_members_train_with_their_own_seeds_and_serve_the_mean_of_their_cosines(
         assert enc["adapter"](x[:6], "sketch").shape[1] == 2 * 32
         assert np.allclose(enc["infonce"](x[:6], "sketch").numpy(), q[:, sd:sd + d], atol=1e-6)
         assert np.allclose(enc["iiae"](x[:6], "sketch").numpy(), q[:, :sd], atol=1e-6)
+    # a model that does not serve its peers (re-ranked by the adapter) keeps every member's peer beside
+    # it, and `sbir eval`'s InfoNCE row joins them as well
+    train_all(fs, records, split, TrainConfig(members=2, rerank="adapter", **small), tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "peer_infonce_member1.safetensors").is_file()
+    served, enc = _encoders(tmp_path / "adapter", fs, records)
+    assert all(p is None for _, _, p in served.members)
+    with torch.no_grad():
+        assert enc["infonce"](x[:6], "sketch").shape[1] == 2 * 16
+        joined = np.concatenate([vs[0][0], vs[1][0]], axis=1) / np.sqrt(2)  # the same seeds' peers as above
+        assert np.allclose(enc["infonce"](x[:6], "sketch").numpy(), joined, atol=1e-5)
+    (tmp_path / "adapter" / "peer_infonce_member1.safetensors").unlink()  # an older run: member 0's peer only
+    _, enc = _encoders(tmp_path / "adapter", fs, records)
+    with torch.no_grad():
+        assert np.allclose(enc["infonce"](x[:6], "sketch").numpy(), vs[0][0], atol=1e-5)
     with pytest.raises(ValueError, match="at least one member"):
         train_all(fs, records, split, TrainConfig(members=0, **small), tmp_path / "none")
