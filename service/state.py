@@ -407,6 +407,8 @@ class ServingState:
         if pair is None:
             return
         present = await asyncio.to_thread(pair.snapshot.path.is_dir)
+        if self.current is not pair:
+            return  # swapped while the disk was looked at: that answer was about the old snapshot
         if not present and self.serving_missing_since is None:
             LOG.error("the serving snapshot's folder %s is gone; still serving it from memory", pair.snapshot.path)
             self.serving_missing_since = time.time()

@@ -268,3 +268,30 @@ def test_query_twin_off_serves_a_twin_model_one_image_a_sketch(untrained_checkpo
         model = ModelCache("cpu", cpu_runtime="torch", query_twin=setting).get(path, sha)
         assert model.sketch_views == views and model.describe()["sketch_views"] == views
         assert model.preprocess_sketch(sketch).shape[0] == (2 if views == 2 else 3)
+
+
+def test_a_disk_check_that_outlives_a_swap_says_nothing_of_the_new_snapshot(tmp_path):
+    """The watcher looks at the serving folder in a thread; a reload may swap the pair meanwhile. The
+    old folder's absence must not be reported as the new snapshot's (it was, under load in CI)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.metrics import ServiceMetrics
+    from service.state import ServingState
+
+    state = ServingState(tmp_path, "cpu", ServiceMetrics(), reload_interval_s=0)
+    new = SimpleNamespace(snapshot=SimpleNamespace(path=tmp_path))  # present on disk
+
+    class Vanished:
+        def is_dir(self):  # the old folder is gone, and a reload swaps in `new` while this looks
+            state.current = new
+            return False
+
+    state.current = SimpleNamespace(snapshot=SimpleNamespace(path=Vanished()))
+    asyncio.run(state._check_serving_on_disk())
+    assert state.serving_missing_since is None and state.warnings() == []
+    asyncio.run(state._check_serving_on_disk())  # the next look is about `new`: present
+    assert state.serving_missing_since is None
+    state.current = SimpleNamespace(snapshot=SimpleNamespace(path=tmp_path / "gone"))
+    asyncio.run(state._check_serving_on_disk())
+    assert state.serving_missing_since is not None and "gone from disk" in state.warnings()[0]
