@@ -647,13 +647,6 @@ def train_all(
     if peer is not None:
         save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out_dir / "peer_infonce.safetensors"))
         summary["infonce"] = p_info
-    if cfg.rerank != "infonce":
-        # the further members' peers are not in the served model: kept beside it, so that `sbir eval`
-        # compares the InfoNCE peer member for member, as it does the adapter and IIAE
-        for m, (_, _, peer_m) in enumerate(more_members, start=1):
-            if peer_m is not None:
-                save_file({k: v.contiguous() for k, v in peer_m.state_dict().items()},
-                          str(out_dir / f"peer_infonce_member{m}.safetensors"))
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     rerank = None
     if cfg.rerank != "none" and cfg.embedding == "iiae":
@@ -684,6 +677,13 @@ def train_all(
         } | (extra_training or {}),
     }
     with_peer = bool(rerank) and cfg.rerank == "infonce"
+    if not with_peer:
+        # the further members' peers are not in the served model: kept beside it, so that `sbir eval`
+        # compares the InfoNCE peer member for member, as it does the adapter and IIAE
+        for m, (_, _, peer_m) in enumerate(more_members, start=1):
+            if peer_m is not None:
+                save_file({k: v.contiguous() for k, v in peer_m.state_dict().items()},
+                          str(out_dir / f"peer_infonce_member{m}.safetensors"))
     model = SBIRModel(backbone, adapter, iiae, config, device="cpu", peer=peer if with_peer else None,
                       more_members=[(a_, i_, p_ if with_peer else None) for a_, i_, p_ in more_members])
     model.backbone_tensors = dict(backbone_tensors or {})
