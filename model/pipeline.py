@@ -277,7 +277,9 @@ class SBIRModel:
         """A sketch's input: exactly the preprocessing its training rows had. (3,S,S), or with the
         query's twin (2,3,S,S): the sketch as drawn, then stroke-normalised."""
         if self.query_twin:
-            return torch.stack([self.preprocess(img), self.preprocess(normalise_strokes(img))])
+            # numpy's stack: torch's would wake an OpenMP team from the calling (decoding) thread
+            views = [self.preprocess(img), self.preprocess(normalise_strokes(img))]
+            return torch.from_numpy(np.stack([v.numpy() for v in views]))
         return self.preprocess(normalise_strokes(img) if self.stroke_norm else img)
 
     def encode_images(self, images: Sequence[Image.Image], domain: str, batch_size: int = 32) -> np.ndarray:

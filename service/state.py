@@ -128,7 +128,7 @@ class ServingPair:
         """Blocking (a batcher thread, one batch at a time): one forward pass for all payloads."""
         with self._leased():
             t0 = time.perf_counter()
-            vectors = self.model.encode_pixels(torch.stack([p for p, _ in payloads]), "sketch")
+            vectors = self.model.encode_pixels(stack_cpu([p for p, _ in payloads]), "sketch")
             return EncodedBatch(np.ascontiguousarray(vectors, dtype=np.float32), time.perf_counter() - t0)
 
     def search_encoded(self, payloads: Sequence[tuple[torch.Tensor, int]], encoded: EncodedBatch) -> list[SearchHit]:
@@ -230,6 +230,15 @@ class ModelCache:
         """Forget other models (pairs still serving keep their own reference until they close)."""
         with self._lock:
             self._models = {k: v for k, v in self._models.items() if k == (sha256, precision)}
+
+
+def stack_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack` of CPU tensors through numpy: torch's copy would wake an OpenMP team from the
+    calling thread, which with the service's passive wait policy costs more CPU than the copy itself
+    (docs/BENCHMARKS.md, "Stacking without an OpenMP team")."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return torch.stack(list(tensors))
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
 
 
 def default_snapshot_module() -> ModuleType:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.state import NotReady, ServingPair
+from service.state import NotReady, ServingPair, stack_cpu
 
 
 class FakeSnapshot:
@@ -295,3 +295,17 @@ def test_a_disk_check_that_outlives_a_swap_says_nothing_of_the_new_snapshot(tmp_
     state.current = SimpleNamespace(snapshot=SimpleNamespace(path=tmp_path / "gone"))
     asyncio.run(state._check_serving_on_disk())
     assert state.serving_missing_since is not None and "gone from disk" in state.warnings()[0]
+
+
+def test_stack_cpu_is_torch_stack():
+    """The batch of preprocessed sketches, stacked through numpy: torch.stack's values, shape and dtype,
+    also for the channel-permuted views colour images give."""
+    rng = np.random.default_rng(0)
+    grey = torch.from_numpy(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    colour = torch.from_numpy(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).permute(2, 0, 1)
+    assert not colour.is_contiguous()
+    got = stack_cpu([grey, colour, grey])
+    want = torch.stack([grey, colour, grey])
+    assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    twins = [torch.stack([grey, colour]), torch.stack([colour, grey])]
+    assert torch.equal(stack_cpu(twins), torch.stack(twins))
