@@ -482,6 +482,10 @@ class BareEncoder:
                                     cpu_precision=cpu_precision if device == "cpu" else None)
         self.views = self.model.sketch_views
         self.pixels = torch.stack([self.model.preprocess_sketch(load_image(png))] * batch)
+        # as the server's batcher thread sets its own (service/state.py): one torch thread behind onnxruntime
+        from service.state import encode_threads_for
+
+        self.encode_threads = encode_threads_for(self.model, torch_threads)
         self.measure(0.0)  # warm-up
 
     def measure(self, seconds: float, max_batches: int = 10_000) -> dict:
@@ -490,6 +494,10 @@ class BareEncoder:
         out: dict = {}
 
         def work() -> None:
+            import torch
+
+            if self.encode_threads is not None:
+                torch.set_num_threads(self.encode_threads)
             done, start, cpu0 = 0, time.perf_counter(), time.process_time()
             for _ in range(max_batches):
                 self.model.encode_pixels(self.pixels, "sketch")  # returns numpy: a GPU run has finished

@@ -35,10 +35,16 @@ RETRY_AFTER_S = "1"
 def create_app(settings: Settings, snapshots: ModuleType | None = None) -> FastAPI:
     """The app for one process (one model and index). `snapshots`: the snapshot reader module
     (index_builder.snapshot unless a test gives another)."""
+    import torch
+
     metrics = ServiceMetrics()
+    # The encoder's CPU threads, settled here: a batcher thread that runs only the heads sets torch's
+    # count to one (service/state.py), and torch would hand that count to threads started later, such
+    # as a reload's, which would then size a new model's onnxruntime pool by it.
+    cpu_threads = settings.torch_threads or torch.get_num_threads()
     state = ServingState(
         settings.snapshot_root, settings.device, metrics, settings.reload_interval_s, snapshots=snapshots,
-        cpu_runtime=settings.cpu_runtime, cpu_threads=settings.torch_threads, cpu_precision=settings.cpu_precision,
+        cpu_runtime=settings.cpu_runtime, cpu_threads=cpu_threads, cpu_precision=settings.cpu_precision,
         max_batch=settings.max_batch, query_twin=settings.query_twin,
     )
     one_forward = settings.batch_forwards == "one"

@@ -66,9 +66,10 @@ class EncodedBatch:
 class ServingPair:
     """A snapshot and the model that built it. Immutable once made; closed after its last lease."""
 
-    def __init__(self, snapshot: ServedSnapshot, model: ServedModel):
+    def __init__(self, snapshot: ServedSnapshot, model: ServedModel, encode_threads: int | None = None):
         self.snapshot = snapshot
         self.model = model
+        self.encode_threads = encode_threads  # torch's threads on the thread that encodes (None: as it is)
         self.loaded_at = time.time()
         self._lock = threading.Lock()
         self._leases = 0
@@ -127,6 +128,10 @@ class ServingPair:
     def encode(self, payloads: Sequence[tuple[torch.Tensor, int]]) -> EncodedBatch:
         """Blocking (a batcher thread, one batch at a time): one forward pass for all payloads."""
         with self._leased():
+            # Per thread, and only when it differs: setting it back and forth on every batch cost the
+            # service a fifth of its requests/s (docs/BENCHMARKS.md, "The heads on one torch thread").
+            if self.encode_threads is not None and torch.get_num_threads() != self.encode_threads:
+                torch.set_num_threads(self.encode_threads)
             t0 = time.perf_counter()
             vectors = self.model.encode_pixels(stack_cpu([p for p, _ in payloads]), "sketch")
             return EncodedBatch(np.ascontiguousarray(vectors, dtype=np.float32), time.perf_counter() - t0)
@@ -262,7 +267,16 @@ def load_pair(snapshots: ModuleType, root: Path, snapshot_id: str, models: Model
     except BaseException:
         snapshot.close()
         raise
-    return ServingPair(snapshot, model)
+    return ServingPair(snapshot, model, encode_threads_for(model, models.cpu_threads))
+
+
+def encode_threads_for(model: ServedModel, cpu_threads: int | None) -> int | None:
+    """torch's intra-op threads for a batcher thread that encodes with `model`: one where the backbone
+    runs in onnxruntime (torch then runs only the heads, which a second OpenMP thread made slower at the
+    service's batch sizes, at twice the CPU), else `cpu_threads` (None: leave the thread's count)."""
+    backbone = getattr(model, "backbone", None)
+    runtime = backbone.runtime() if hasattr(backbone, "runtime") else ""
+    return 1 if runtime.startswith("onnxruntime") else cpu_threads
 
 
 def check_int8_calibration(snapshot: ServedSnapshot, model: ServedModel) -> None:

@@ -150,7 +150,9 @@ class _Int8Model(FakeModel):
 
 
 class _Models:
-    """What load_pair needs of a ModelCache: the snapshot's precision and one model."""
+    """What load_pair needs of a ModelCache: the snapshot's precision, one model and the CPU threads."""
+
+    cpu_threads = None
 
     def precision_for(self, snapshot):
         return snapshot.precision
@@ -309,3 +311,46 @@ def test_stack_cpu_is_torch_stack():
     assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     twins = [torch.stack([grey, colour]), torch.stack([colour, grey])]
     assert torch.equal(stack_cpu(twins), torch.stack(twins))
+
+
+def test_the_encoding_thread_runs_the_heads_on_one_torch_thread_behind_onnxruntime():
+    """A model whose backbone runs in onnxruntime is encoded with torch on one thread (its heads); the
+    count is set on the batcher's thread once, not back and forth, and other models leave it."""
+    from service.state import encode_threads_for
+
+    class Backbone:
+        def __init__(self, runtime):
+            self._runtime = runtime
+
+        def runtime(self):
+            return self._runtime
+
+    ort_model, torch_model = FakeModel(), FakeModel()
+    ort_model.backbone, torch_model.backbone = Backbone("onnxruntime 1.32.0 int8 (2 threads)"), Backbone("torch cpu")
+    assert encode_threads_for(ort_model, 2) == 1
+    assert encode_threads_for(torch_model, 2) == 2 and encode_threads_for(torch_model, None) is None
+    assert encode_threads_for(FakeModel(), 3) == 3  # no backbone to ask: the setting
+
+    seen, sets = [], []
+    real_encode = ort_model.encode_pixels
+    ort_model.encode_pixels = lambda px, domain: seen.append(torch.get_num_threads()) or real_encode(px, domain)
+    payload = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 3)]
+
+    def batcher_thread():
+        torch.set_num_threads(2)
+        real_set = torch.set_num_threads
+        try:
+            torch.set_num_threads = lambda n: sets.append(n) or real_set(n)
+            pair = ServingPair(FakeSnapshot(), ort_model, encode_threads=1)
+            for _ in range(3):
+                pair.encode(payload)
+            ServingPair(FakeSnapshot(), ort_model).encode(payload)  # None: the count stays as it is
+        finally:
+            torch.set_num_threads = real_set
+            real_set(before)
+
+    before = torch.get_num_threads()
+    t = threading.Thread(target=batcher_thread)
+    t.start()
+    t.join()
+    assert seen == [1, 1, 1, 1] and sets == [1]
