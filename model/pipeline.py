@@ -64,6 +64,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def stack_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack` of CPU tensors through numpy: torch's copy would wake an OpenMP team from the
+    calling thread (a decoding or batcher thread of the service), which with the service's passive wait
+    policy costs more CPU than the copy itself (docs/BENCHMARKS.md, "Stacking without an OpenMP team")."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return torch.stack(list(tensors))
+    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
+
+
 class SBIRModel:
     """Frozen backbone + adapter + IIAE. All encode_* methods return float32 (n, dim) rows: unit
     vectors of `search_dim`, or `[zs | v | r]` (unit parts) where the model re-ranks (`rerank`)."""
@@ -277,9 +286,7 @@ class SBIRModel:
         """A sketch's input: exactly the preprocessing its training rows had. (3,S,S), or with the
         query's twin (2,3,S,S): the sketch as drawn, then stroke-normalised."""
         if self.query_twin:
-            # numpy's stack: torch's would wake an OpenMP team from the calling (decoding) thread
-            views = [self.preprocess(img), self.preprocess(normalise_strokes(img))]
-            return torch.from_numpy(np.stack([v.numpy() for v in views]))
+            return stack_cpu([self.preprocess(img), self.preprocess(normalise_strokes(img))])
         return self.preprocess(normalise_strokes(img) if self.stroke_norm else img)
 
     def encode_images(self, images: Sequence[Image.Image], domain: str, batch_size: int = 32) -> np.ndarray:

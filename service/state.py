@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from model.ground.errors import UserError
+from model.pipeline import stack_cpu
 from service.metrics import ServiceMetrics
 from service.serving_types import ServedModel, ServedSnapshot
 
@@ -235,15 +236,6 @@ class ModelCache:
         """Forget other models (pairs still serving keep their own reference until they close)."""
         with self._lock:
             self._models = {k: v for k, v in self._models.items() if k == (sha256, precision)}
-
-
-def stack_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`torch.stack` of CPU tensors through numpy: torch's copy would wake an OpenMP team from the
-    calling thread, which with the service's passive wait policy costs more CPU than the copy itself
-    (docs/BENCHMARKS.md, "Stacking without an OpenMP team")."""
-    if any(t.device.type != "cpu" for t in tensors):
-        return torch.stack(list(tensors))
-    return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
 
 
 def default_snapshot_module() -> ModuleType:
