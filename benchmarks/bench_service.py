@@ -146,6 +146,7 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
     from PIL import Image, ImageDraw
 
     from index_builder import faiss_index
+    from index_builder.build import recall_depth
     from index_builder.snapshot import SnapshotWriter
     from model.ground.files import sha256_file
     from model.pipeline import SBIRModel
@@ -171,7 +172,7 @@ def make_index(out: Path, photos: int, model_dir: Path | None, seed: int, cpu_pr
     ids = np.arange(photos, dtype=np.int64)
     plan = faiss_index.choose_factory(photos, model.search_dim)
     index = faiss_index.build_index(searched, ids, plan.factory)
-    recall = faiss_index.tune_and_measure(index, searched, ids)
+    recall = faiss_index.tune_and_measure(index, searched, ids, k=recall_depth(model.config))
     del searched
     rows = [
         (

@@ -231,7 +231,7 @@ class _Job:
         self.hash_contents()
         self.embed(self.plan_embeddings())
         report = self.assemble()
-        if self.reuses and _unchanged(self.previous, self.reuse.rows, self.rows, self.opt):
+        if self.reuses and _unchanged(self.previous, self.reuse.rows, self.rows, self.opt, self.config):
             LOG.info("nothing changed: snapshot %s is up to date", self.previous.id)
             shutil.rmtree(self.job_dir, ignore_errors=True)
             report["timings"] = _rounded(self.timings, self.t_start)
@@ -373,7 +373,9 @@ class _Job:
         self.index = build_sharded_index(searched, self.ids, self.plan.factory, self.n_shards, opt.threads, self.cluster)
         self._timed("index_s", t)
         t = time.perf_counter()
-        self.recall = faiss_index.tune_and_measure(self.index, searched, self.ids, target=opt.recall_target)
+        self.recall = faiss_index.tune_and_measure(
+            self.index, searched, self.ids, k=recall_depth(self.config), target=opt.recall_target
+        )
         self._timed("recall_s", t)
         if self.recall.recall < opt.recall_target:
             LOG.warning(
@@ -671,12 +673,23 @@ def _diff_counts(prev_rows: dict, rows: list) -> dict:
     }
 
 
-def _unchanged(previous: Snapshot, prev_rows: dict, rows: list, opt: BuildOptions) -> bool:
-    """Same photos, same content, same metadata and the same index settings as the current snapshot."""
+def recall_depth(config: dict) -> int:
+    """The depth the service searches a snapshot's index to, so the depth at which the builder tunes and
+    measures its recall: the second stage's candidates (`rerank.top`, 400 by default) where the model
+    re-ranks, else faiss_index.RECALL_K. Tuned at the top 10, an IVF index gave a re-ranking model
+    0.36 of the exact top 400 (docs/BENCHMARKS.md, "The first stage's depth")."""
+    rerank = config.get("rerank") or {}
+    return int(rerank.get("top") or faiss_index.RECALL_K)
+
+
+def _unchanged(previous: Snapshot, prev_rows: dict, rows: list, opt: BuildOptions, config: dict) -> bool:
+    """Same photos, same content, same metadata and the same index settings as the current snapshot,
+    whose recall was measured as deep as the model needs (an older build's may have been shallower)."""
     index = previous.manifest["index"]
-    if opt.index != index.get("requested", "auto") or opt.recall_target != index.get("recall", {}).get(
-        "target"
-    ):
+    recall = index.get("recall", {})
+    if opt.index != index.get("requested", "auto") or opt.recall_target != recall.get("target"):
+        return False
+    if int(recall.get("k", faiss_index.RECALL_K)) < min(recall_depth(config), len(rows) - 1):
         return False
     if (opt.shards or "auto") != (index.get("shards") or {}).get("requested", "auto"):
         return False

@@ -103,7 +103,8 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         "--recall-target",
         type=float,
         default=0.95,
-        help="recall@10 the search parameters are tuned to reach (default 0.95)",
+        help="recall the search parameters are tuned to reach (default 0.95), at the depth the service "
+        "searches: the top 400 candidates of a re-ranking model, else the top 10",
     )
     g.add_argument(
         "--keep", type=int, default=3, help="snapshots to keep, the current one included (default 3)"

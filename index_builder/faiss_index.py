@@ -324,9 +324,23 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     assert k >= 1, "k must be >= 1"
     # A process-wide setting: a search racing with another only picks the other kernel (same results).
     faiss.cvar.distance_compute_blas_threshold = 1 if len(queries) > 1 else _BLAS_THRESHOLD_DEFAULT
-    scores, ids = index.search(queries, k)
+    params = None
+    ef = _hnsw_ef_search(index)
+    if ef is not None and ef < k:
+        # HNSW keeps efSearch candidates, and faiss does not raise it to k: with efSearch 16, k = 400
+        # came back a third empty. Per call, so a search racing with another keeps its own value.
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = k
+    scores, ids = index.search(queries, k, params=params)
     scores[ids < 0] = -np.inf
     return scores, ids
+
+
+def _hnsw_ef_search(index: faiss.Index) -> int | None:
+    """efSearch of an HNSW index (through IDMap2 and shards), None for any other kind."""
+    part = shard_parts(index)[0]
+    inner = faiss.downcast_index(part.index) if hasattr(part, "id_map") else part
+    return int(inner.hnsw.efSearch) if hasattr(inner, "hnsw") else None
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:

@@ -330,10 +330,12 @@ class Snapshot:
                 raise SnapshotError(f"{VECTORS_FILE} holds rows that are not unit vectors")
         # the index must find stored vectors about as well as it did at build time
         if self.count > 1:
-            recorded = float(self.manifest["index"].get("recall", {}).get("recall", 0.0))
+            recorded_check = self.manifest["index"].get("recall", {})
+            recorded = float(recorded_check.get("recall", 0.0))
             check = faiss_index.tune_and_measure(
-                self._index, np.ascontiguousarray(parts[0]), ids, sample=100, seed=1, tune=False
-            )
+                self._index, np.ascontiguousarray(parts[0]), ids, sample=100, seed=1, tune=False,
+                k=int(recorded_check.get("k", faiss_index.RECALL_K)),
+            )  # fmt: skip
             if check.recall < recorded - 0.1:
                 raise SnapshotError(
                     f"index recall@{check.k} {check.recall:.3f} is far below the recorded {recorded:.3f}"

@@ -116,11 +116,14 @@ def test_manifest_metadata_and_ids_round_trip(tmp_path, untrained_checkpoint):
 
 def test_explicit_index_factory_and_bad_factory(tmp_path, untrained_checkpoint, capsys):
     photos = tmp_path / "photos"
-    make_photos(photos, range(8))
+    make_photos(photos, range(12))
     root = tmp_path / "index"
     report = build_cli(photos, untrained_checkpoint, root, "--index", "HNSW8", "--keep", "1")
     assert report["index"]["factory"] == "HNSW8" and report["index"]["search_params"].keys() == {"efSearch"}
     assert report["index"]["recall"]["recall"] >= 0.95
+    # the fixture re-ranks (as trained models do): recall is measured as deep as the service searches,
+    # here every other photo (11), not the top 10
+    assert report["index"]["recall"]["k"] == 11
     code = sbir(
         "index",
         "build",
@@ -214,3 +217,49 @@ def test_a_file_changed_after_hashing_is_indexed_with_what_was_read(
         vec = dict(zip(ids, np.load(snap.path / "vectors.npy"), strict=True))
         a, b = (recs[str((photos / n).resolve())]["id"] for n in ("copy_a.png", "copy_b.png"))
         assert np.abs(vec[a] - vec[b]).max() > 1e-3  # different content, different vectors
+
+
+def test_a_reranking_models_index_is_tuned_at_the_depth_the_service_searches():
+    """The service asks the index for the second stage's candidates (`rerank.top`), not the top 10.
+    An IVF index tuned at 10 finds too few of them (docs/BENCHMARKS.md, "The first stage's depth")."""
+    from test_index_faiss import clustered
+
+    from index_builder import faiss_index as fi
+    from index_builder.build import recall_depth
+
+    top = 100
+    reranking = {"rerank": {"vector": "infonce", "top": top}}
+    assert recall_depth(reranking) == top
+    assert recall_depth({"rerank": None}) == recall_depth({}) == fi.RECALL_K
+    x = clustered(10_000, 32, clusters=1000, noise=0.1, seed=6)
+    ids = np.arange(len(x), dtype=np.int64)
+    index = fi.build_index(x, ids, "IVF128,Flat")
+    shallow = fi.tune_and_measure(index, x, ids, target=0.95, sample=200)
+    deep = fi.tune_and_measure(index, x, ids, k=recall_depth(reranking), target=0.95, sample=200)
+    assert deep.k == top and deep.recall >= 0.95
+    assert deep.params["nprobe"] > shallow.params["nprobe"]
+    fi.set_search_params(index, shallow.params)
+    assert fi.tune_and_measure(index, x, ids, k=top, sample=200, tune=False).recall < 0.85
+
+
+def test_an_update_retunes_a_snapshot_whose_recall_was_measured_too_shallow():
+    """Snapshots built before the depth was the model's recorded recall@10: the same photos must not
+    count as 'nothing changed' for a re-ranking model, whose service searches 400 deep."""
+    from types import SimpleNamespace
+
+    from index_builder.build import BuildOptions, _unchanged
+
+    rows = [(i, f"k{i}", f"/p/{i}.jpg", f"{i:064x}", "{}") for i in range(1000)]
+    prev_rows = {r[0]: r[1:] for r in rows}
+    opt = BuildOptions()
+
+    def previous(k):
+        recall = {"k": k, "target": opt.recall_target}
+        return SimpleNamespace(manifest={"index": {"requested": "auto", "recall": recall}})
+
+    reranking = {"rerank": {"top": 400}}
+    assert not _unchanged(previous(10), prev_rows, rows, opt, reranking)
+    assert _unchanged(previous(400), prev_rows, rows, opt, reranking)
+    assert _unchanged(previous(10), prev_rows, rows, opt, {"rerank": None})
+    few = rows[:8]  # fewer photos than the depth: recall was measured over all the others
+    assert _unchanged(previous(7), {r[0]: r[1:] for r in few}, few, opt, reranking)

@@ -162,3 +162,21 @@ def test_an_unreachable_target_settles_on_the_cheapest_value_near_the_plateau():
     chosen = check.params["nprobe"]
     assert chosen < 16 and fi.faiss.extract_index_ivf(index).nprobe == chosen
     assert next(s["recall"] for s in check.tuning if s["nprobe"] == chosen) >= max(recalls) - 0.01
+
+
+def test_hnsw_returns_k_results_when_k_exceeds_its_efsearch():
+    """faiss's HNSW keeps efSearch candidates and does not raise it to k: a service asking for 100 (or a
+    re-ranking model's 400) from an index tuned to efSearch 16 got holes. `search` raises it per call."""
+    x = clustered(4000, 32, clusters=400, noise=0.1, seed=21)
+    ids = np.arange(4000, dtype=np.int64) * 5
+    index = fi.build_index(x, ids, "HNSW16")
+    fi.set_search_params(index, {"efSearch": 16})
+    q = x[:40]
+    _, raw = index.search(q, 300)
+    assert (raw < 0).any()  # what faiss itself does
+    _, found = fi.search(index, q, 300)
+    assert (found >= 0).all()
+    _, truth = numpy_topk(q, x, ids, 300)
+    assert np.mean([len(set(a) & set(b)) / 300 for a, b in zip(found, truth, strict=True)]) > 0.9
+    assert fi._hnsw_ef_search(index) == 16  # the index's own setting is left as it was
+    assert fi._hnsw_ef_search(fi.build_index(x, ids, "Flat")) is None
