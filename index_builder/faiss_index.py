@@ -474,6 +474,8 @@ def tune_and_measure(
     tuning: list[dict] = []
     if tunable is not None:
         name, ladder = tunable
+        if name == "efSearch":  # below k, `search` raises it to k anyway: start the ladder there
+            ladder = (kk,) + tuple(v for v in ladder if v > kk) if kk > ladder[0] else ladder
         for value in ladder:
             set_search_params(index, {name: value})
             r = measure(0)

@@ -180,3 +180,6 @@ def test_hnsw_returns_k_results_when_k_exceeds_its_efsearch():
     assert np.mean([len(set(a) & set(b)) / 300 for a, b in zip(found, truth, strict=True)]) > 0.9
     assert fi._hnsw_ef_search(index) == 16  # the index's own setting is left as it was
     assert fi._hnsw_ef_search(fi.build_index(x, ids, "Flat")) is None
+    # tuned at a depth past the ladder's first values, the ladder starts at the depth
+    check = fi.tune_and_measure(index, x, ids, k=100, target=0.9, sample=100)
+    assert check.tuning[0]["efSearch"] == 100 and check.params["efSearch"] >= 100 and check.recall >= 0.9
