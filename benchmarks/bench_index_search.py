@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     _, truth = fi.exact_knn(xq, xb, args.k)
     LOG.info("exact ground truth for %d queries in %.1fs", len(xq), time.perf_counter() - t0)
 
+    tk = args.tune_k or args.k  # the depth the parameter is tuned at
     results = []
     flat_single = None
     for label, factory in factories(args.n, args.dim, args.kinds.split(",")):
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         index = fi.build_index(xb, ids, factory)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        check = fi.tune_and_measure(index, xb, ids, k=args.tune_k or args.k, target=args.target)
+        check = fi.tune_and_measure(index, xb, ids, k=tk, target=args.target)
         tune_s = time.perf_counter() - t0
         _, found = index.search(xq, args.k)
         recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found, truth, strict=True)]))
@@ -168,10 +169,9 @@ def main(argv=None) -> int:
     print(
         f"\n{args.n} x {args.dim}-d, data={args.data}"
         + (f" (clusters={args.clusters}, noise={args.noise})" if args.data == "clustered" else "")
-        + f", {args.queries} queries, k={args.k}, tuned at k={args.tune_k or args.k}, faiss threads={fi.faiss.omp_get_max_threads()}, "
+        + f", {args.queries} queries, k={args.k}, tuned at k={tk}, faiss threads={fi.faiss.omp_get_max_threads()}, "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
-    tk = args.tune_k or args.k
     print(
         f"| kind | factory | search params | build s | recall@{tk} build sample | recall@{args.k} fresh queries "
         "| single QPS (wall) | single QPS per CPU s | x exact (wall / CPU) | batched QPS | bytes/vector |"
